@@ -1,0 +1,309 @@
+"""The books service: the Responder `api` and its routes.
+
+Run it with `uv run app.py`, or any ASGI server: `uv run uvicorn app:api --workers 4`.
+"""
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+from urllib.parse import urlencode
+
+import uvicorn
+from responder import API, Problem, Query, Request, Response
+from responder.ext.pagination import paginate, set_pagination_headers
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
+
+from database import lifespan
+from listing import SORT_PATTERN, SORTABLE, BookQuery
+from models import Book, utc_now
+from schemas import BookIn, BookOut, BookPage, BookPatch
+from settings import load_settings
+
+MAX_BODY_BYTES = 1024 * 1024
+# Ids are 32-bit integers in the table; a larger one cannot name a book.
+MAX_ID = 2**31 - 1
+HEALTH_CHECK_TIMEOUT = 2.0
+
+
+def plain_problem(payload: dict[str, Any]) -> dict[str, Any]:
+    """Every problem body: `detail` always present, `errors` as plain {loc, msg, type}.
+
+    Pydantic's raw errors echo the client's input and may carry exception
+    objects in `ctx`; a 5xx must not describe server-side values at all.
+    """
+    payload.setdefault("detail", payload["title"])
+    errors = payload.pop("errors", None)
+    if errors and payload["status"] < 500:
+        payload["errors"] = [
+            {
+                "loc": [str(part) for part in error.get("loc", ())],
+                "msg": str(error.get("msg", "invalid value")),
+                "type": str(error.get("type", "value_error")),
+            }
+            for error in errors
+        ]
+    return payload
+
+
+api = API(
+    title="Books",
+    version="1.0.0",
+    description="A books catalogue: Responder, async SQLAlchemy, Alembic.",
+    docs_route="/docs",
+    metrics_route="/metrics",
+    lifespan=lifespan,
+    request_id=True,
+    max_request_size=MAX_BODY_BYTES,
+    problem_handler=plain_problem,
+    sessions=False,  # a stateless JSON API: no cookie sessions
+    gzip=False,  # compression belongs to the proxy in front, not to every worker
+)
+api.state.settings = load_settings()
+
+
+# --- Sessions and errors -----------------------------------------------------
+
+
+def reading(req: Request) -> AbstractAsyncContextManager[AsyncSession]:
+    """One session and one transaction for a request that only reads."""
+    return req.api.state.async_session.begin()  # type: ignore[no-any-return]
+
+
+def writing(req: Request) -> AbstractAsyncContextManager[AsyncSession]:
+    """One session and one transaction for a request that writes: committed as a whole
+    when the block ends, rolled back if anything in it raises."""
+    return req.api.state.async_write_session.begin()  # type: ignore[no-any-return]
+
+
+@api.exception_handler(IntegrityError)
+async def duplicate_isbn(req: Request, resp: Response, exc: IntegrityError) -> None:
+    # Validation leaves the unique ISBN as the only constraint a request can break.
+    resp.problem(409, "A book with this ISBN already exists.", title="Conflict")
+
+
+@api.exception_handler(StaleDataError)
+async def concurrent_change(req: Request, resp: Response, exc: StaleDataError) -> None:
+    resp.problem(409, "The book changed while this request ran; try again.", title="Conflict")
+
+
+async def database_unavailable(req: Request, resp: Response, exc: Exception) -> None:
+    resp.problem(
+        503,
+        "The database is unavailable; try again shortly.",
+        title="Service Unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+for unavailable in (OperationalError, DBAPIError, PoolTimeoutError, OSError, TimeoutError):
+    api.add_exception_handler(unavailable, database_unavailable)
+
+
+# --- Books -------------------------------------------------------------------
+
+
+def etag(book: Book) -> str:
+    """A strong ETag: the version SQLAlchemy bumps on every UPDATE."""
+    return f'"{book.id}-{book.version}"'
+
+
+def listed(header: list[str], current: str, *, weak: bool) -> bool:
+    """Whether an If-Match / If-None-Match header lists `current` (RFC 9110 §13.1)."""
+    tags = [tag.strip() for line in header for tag in line.split(",")]
+    if "*" in tags:
+        return True
+    if weak:
+        return current in (tag.removeprefix("W/") for tag in tags)
+    return current in tags
+
+
+def check_preconditions(req: Request, book: Book) -> None:
+    """Refuse a write whose If-Match / If-None-Match does not hold, before anything changes.
+
+    (Responder's own check runs after the handler, against the new ETag.)
+    """
+    current = etag(book)
+    if_match = req.headers.get_list("If-Match")
+    if if_match and not listed(if_match, current, weak=False):
+        raise Problem(412, "The book has changed since you read it (If-Match).")
+    if_none_match = req.headers.get_list("If-None-Match")
+    if if_none_match and listed(if_none_match, current, weak=True):
+        raise Problem(412, "The book matches If-None-Match.")
+
+
+async def find_book(session: AsyncSession, book_id: int, *, for_update: bool = False) -> Book:
+    """The book, or a 404; `for_update` locks its row until the transaction ends."""
+    book = None
+    if 0 < book_id <= MAX_ID:
+        book = await session.get(Book, book_id, with_for_update=for_update)
+    if book is None:
+        raise Problem(404, f"There is no book {book_id}.")
+    return book
+
+
+def apply_changes(session: AsyncSession, book: Book, changes: dict[str, Any]) -> None:
+    """Set the fields; a change that changes nothing leaves `updated_at` and the ETag alone."""
+    for field, value in changes.items():
+        setattr(book, field, value)
+    if session.is_modified(book):
+        book.updated_at = utc_now()
+
+
+def json_body(*media_types: str) -> Callable[[Request, Response], None]:
+    """A before-hook answering 415 unless the body is one of `media_types` (any charset)."""
+    header = "Accept-Patch" if "application/merge-patch+json" in media_types else "Accept-Post"
+
+    def require(req: Request, resp: Response) -> None:
+        media_type = req.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if media_type not in media_types:
+            raise Problem(
+                415,
+                f"Send the body as {' or '.join(media_types)}.",
+                headers={header: ", ".join(media_types)},
+            )
+
+    return require
+
+
+@api.get("/books")
+async def list_books(
+    req: Request,
+    resp: Response,
+    *,
+    page: int = Query(1, ge=1, description="1-based page number"),
+    size: int = Query(20, ge=1, le=100, description="items per page"),
+    sort: str = Query(
+        "id", pattern=SORT_PATTERN, description=f"comma-separated, `-` for descending: {SORTABLE}"
+    ),
+    author: str | None = Query(None, description="exact author, case-insensitive"),
+    year: int | None = Query(None, ge=-9999, le=9999, description="exact year"),
+    q: str | None = Query(None, description="substring of title or author"),
+    cursor: str | None = Query(None, description="`next_cursor` of the previous page"),
+) -> BookPage:
+    """List books a page at a time, by page number or by cursor."""
+    query = BookQuery(sort=sort, author=author, year=year, q=q)
+    rows = query.rows().limit(size + 1)
+    if cursor is None:
+        rows = rows.offset((page - 1) * size)
+    else:
+        rows = rows.where(query.after(cursor))
+    async with reading(req) as session:
+        total = await session.scalar(query.count()) or 0
+        books = list(await session.scalars(rows))
+    next_cursor = query.cursor_after(books[size - 1]) if len(books) > size else None
+    result = paginate(books[:size], page=page, size=size, total=total)
+    if cursor is None:
+        set_pagination_headers(req, resp, result)
+        return BookPage(**dict(result), next_cursor=next_cursor)
+    set_cursor_headers(req, resp, total, next_cursor)
+    return BookPage(**dict(result) | {"page": None}, next_cursor=next_cursor)
+
+
+def set_cursor_headers(req: Request, resp: Response, total: int, next_cursor: str | None) -> None:
+    """`Link` (next by cursor, first by page) and `X-Total-Count` for a page read by cursor."""
+    base = req.full_url.split("?")[0]
+    kept = [(k, v) for k, v in req.params.items() if k not in ("cursor", "page")]
+    links = [f'<{base}?{urlencode([*kept, ("page", "1")])}>; rel="first"']
+    if next_cursor is not None:
+        links.insert(0, f'<{base}?{urlencode([*kept, ("cursor", next_cursor)])}>; rel="next"')
+    resp.headers["Link"] = ", ".join(links)
+    resp.headers["X-Total-Count"] = str(total)
+
+
+@api.post("/books", status_code=201, before=json_body("application/json"))
+async def create_book(req: Request, resp: Response, *, book: BookIn) -> BookOut:
+    """Add a book."""
+    now = utc_now()
+    created = Book(**book.model_dump(), created_at=now, updated_at=now)
+    async with writing(req) as session:
+        session.add(created)
+    resp.headers["Location"] = f"/books/{created.id}"
+    resp.headers["ETag"] = etag(created)
+    return BookOut.model_validate(created)
+
+
+@api.get("/books/{book_id:int}")
+async def get_book(req: Request, resp: Response, *, book_id: int) -> BookOut:
+    """One book, with its ETag; `If-None-Match` with that ETag answers 304."""
+    async with reading(req) as session:
+        book = await find_book(session, book_id)
+    resp.etag = etag(book)
+    return BookOut.model_validate(book)
+
+
+@api.put("/books/{book_id:int}", before=json_body("application/json"))
+async def replace_book(req: Request, resp: Response, *, book_id: int, book: BookIn) -> BookOut:
+    """Replace a book whole; a field left out (`isbn`) is cleared."""
+    async with writing(req) as session:
+        stored = await find_book(session, book_id, for_update=True)
+        check_preconditions(req, stored)
+        apply_changes(session, stored, book.model_dump())
+    resp.headers["ETag"] = etag(stored)
+    return BookOut.model_validate(stored)
+
+
+@api.patch(
+    "/books/{book_id:int}",
+    before=json_body("application/json", "application/merge-patch+json"),
+)
+async def update_book(req: Request, resp: Response, *, book_id: int, patch: BookPatch) -> BookOut:
+    """Change some fields of a book; `"isbn": null` clears the ISBN."""
+    async with writing(req) as session:
+        stored = await find_book(session, book_id, for_update=True)
+        check_preconditions(req, stored)
+        apply_changes(session, stored, patch.model_dump(exclude_unset=True))
+    resp.headers["ETag"] = etag(stored)
+    return BookOut.model_validate(stored)
+
+
+@api.delete("/books/{book_id:int}", status_code=204)
+async def delete_book(req: Request, resp: Response, *, book_id: int) -> None:
+    """Delete a book; its id is never used again."""
+    async with writing(req) as session:
+        book = await find_book(session, book_id, for_update=True)
+        check_preconditions(req, book)
+        await session.delete(book)
+
+
+# --- Operations --------------------------------------------------------------
+
+
+async def database_check(req: Request) -> None:
+    async with reading(req) as session:
+        await session.execute(text("SELECT 1"))
+
+
+async def timed(check: Callable[[Request], Any], req: Request) -> dict[str, Any]:
+    """Run one health check under a timeout; report its status and latency, never its error."""
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(check(req), HEALTH_CHECK_TIMEOUT)
+        status = "ok"
+    except Exception:
+        status = "error"
+    latency_ms = round((time.perf_counter() - started) * 1000, 2)
+    return {"status": status, "latency_ms": latency_ms}
+
+
+@api.get("/health", include_in_schema=False)
+async def health(req: Request, resp: Response) -> None:
+    """200 while the database answers, 503 otherwise.
+
+    Written out rather than `health_route=`: Responder's version reports no
+    latency, runs checks without a timeout and sends exception text to clients.
+    """
+    checks = {"database": await timed(database_check, req)}
+    healthy = all(check["status"] == "ok" for check in checks.values())
+    resp.status_code = 200 if healthy else 503
+    resp.media = {"status": "ok" if healthy else "error", "checks": checks}
+
+
+if __name__ == "__main__":
+    settings = api.state.settings
+    uvicorn.run(api, host=settings.host, port=settings.port, timeout_graceful_shutdown=8)

@@ -1,0 +1,142 @@
+"""The engine, the per-request sessions, and the schema check run at startup."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from responder import API
+from sqlalchemy import Connection, event, inspect
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from models import Base
+from settings import Settings
+
+ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
+
+# Any constant the application owns: PostgreSQL advisory lock that serialises
+# schema creation when several workers start on an empty database at once.
+SCHEMA_LOCK_ID = 0x626F6F6B73  # "books"
+
+# The execution option that asks SQLite for the write lock when a transaction
+# begins (BEGIN IMMEDIATE), see `_configure_sqlite`.
+SQLITE_WRITE = "sqlite_write"
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is not the one this code was written for."""
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    """The engine for `settings.database_url`, with the pool and SQLite tuned for a server."""
+    options: dict[str, Any] = {"echo": settings.sql_echo}
+    if settings.is_sqlite:
+        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+    else:
+        options |= {
+            "pool_size": settings.pool_size,
+            "max_overflow": settings.max_overflow,
+            "pool_timeout": settings.pool_timeout,
+            "pool_pre_ping": settings.pool_pre_ping,
+            "connect_args": {"timeout": settings.connect_timeout},
+        }
+    engine = create_async_engine(settings.database_url, **options)
+    if settings.is_sqlite:
+        _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    """WAL, a busy timeout, foreign keys, and transactions that begin when we say.
+
+    The sqlite3 driver would otherwise start transactions lazily at the first
+    write, so two requests that read and then write could both hold a read
+    snapshot and one would fail with "database is locked" when it upgrades.
+    A transaction that will write begins with BEGIN IMMEDIATE instead: writers
+    queue on the busy timeout, readers (WAL) are never blocked.
+    (This is SQLAlchemy's documented recipe for pysqlite/aiosqlite transactions.)
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        write = connection.get_execution_options().get(SQLITE_WRITE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _alembic_script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(Config(ALEMBIC_INI))
+
+
+def _create_or_check_schema(connection: Connection) -> None:
+    """Create and stamp an empty database; refuse one that is not at our head revision."""
+    script = _alembic_script()
+    context = MigrationContext.configure(connection)
+    current = set(context.get_current_heads())
+    head = set(script.get_heads())
+    if current == head:
+        return
+    if not current:
+        if inspect(connection).has_table("books"):
+            raise SchemaError(
+                "the database has a books table that Alembic does not know about; "
+                "run `uv run alembic stamp head` if it matches models.py"
+            )
+        Base.metadata.create_all(connection)
+        context.stamp(script, "head")
+        return
+    known = {revision.revision for revision in script.walk_revisions()}
+    if current <= known:
+        raise SchemaError(
+            f"the database schema is at revision {', '.join(sorted(current))}, older than "
+            f"this code ({', '.join(sorted(head))}): run `uv run alembic upgrade head`"
+        )
+    raise SchemaError(
+        f"the database schema is at revision {', '.join(sorted(current))}, "
+        "which this code does not know: it is newer than the code"
+    )
+
+
+async def prepare_schema(engine: AsyncEngine) -> None:
+    """Run `_create_or_check_schema` under a lock, so that concurrent workers take turns."""
+    async with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            connection = await connection.execution_options(**{SQLITE_WRITE: True})
+        async with connection.begin():
+            if engine.dialect.name == "postgresql":
+                await connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})")
+            await connection.run_sync(_create_or_check_schema)
+
+
+@asynccontextmanager
+async def lifespan(api: API) -> AsyncIterator[None]:
+    """Open the engine for this process's event loop, check the schema, dispose at exit.
+
+    The settings come from `api.state.settings` (set in app.py, replaced by tests).
+    """
+    engine = create_engine(api.state.settings)
+    try:
+        await prepare_schema(engine)
+        api.state.engine = engine
+        api.state.async_session = async_sessionmaker(engine, expire_on_commit=False)
+        # Same pool; on SQLite its transactions take the write lock up front.
+        api.state.async_write_session = async_sessionmaker(
+            engine.execution_options(**{SQLITE_WRITE: True}), expire_on_commit=False
+        )
+        yield
+    finally:
+        await engine.dispose()

@@ -1,0 +1,55 @@
+"""Configuration: one typed object, read from the environment and `.env`."""
+
+import sys
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; a value that does not parse stops the process."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./books.db"
+    host: str = "127.0.0.1"
+    port: int = Field(5042, ge=1, le=65535)
+    sql_echo: bool = False
+    pool_size: int = Field(10, ge=1)
+    max_overflow: int = Field(10, ge=0)
+    pool_timeout: float = Field(5.0, gt=0, description="Seconds to wait for a pooled connection.")
+    pool_pre_ping: bool = False
+    connect_timeout: float = Field(
+        3.0, gt=0, description="Seconds to wait for a new database connection."
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        """Map `postgres://` and `postgresql://` to asyncpg and check the driver loads."""
+        for prefix in ("postgres://", "postgresql://"):
+            if value.startswith(prefix):
+                value = "postgresql+asyncpg://" + value.removeprefix(prefix)
+        try:
+            make_url(value).get_dialect()
+        except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+            raise ValueError(f"not a usable SQLAlchemy URL ({type(exc).__name__})") from None
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return make_url(self.database_url).get_backend_name() == "sqlite"
+
+
+def load_settings() -> Settings:
+    """Read the settings, or exit with one line per bad variable (never a traceback)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+            for error in exc.errors(include_input=False)
+        )
+        sys.exit(f"invalid configuration: {problems}")
