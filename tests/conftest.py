@@ -1,0 +1,113 @@
+"""Fixtures: every API test runs on SQLite and, when TEST_DATABASE_URL is set, on PostgreSQL.
+
+PostgreSQL tests get a database of their own per test session (created here,
+dropped at the end); each test starts from an empty `books` table.
+"""
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from responder.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from app import api
+from settings import Settings
+
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
+BACKENDS = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=pytest.mark.skipif(
+            not TEST_DATABASE_URL, reason="set TEST_DATABASE_URL to a PostgreSQL server"
+        ),
+    ),
+]
+
+
+def asyncpg_dsn(url: str) -> str:
+    """A SQLAlchemy URL as the plain DSN asyncpg takes."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _admin(sql: str) -> None:
+    assert TEST_DATABASE_URL
+    connection = await asyncpg.connect(
+        asyncpg_dsn(Settings(database_url=TEST_DATABASE_URL).database_url)
+    )
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+def new_postgres_database() -> str:
+    """Create a uniquely named database; returns its SQLAlchemy URL."""
+    assert TEST_DATABASE_URL
+    name = f"books_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    base = make_url(Settings(database_url=TEST_DATABASE_URL).database_url)
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres_database(url: str) -> None:
+    name = make_url(url).database
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    if not TEST_DATABASE_URL:
+        pytest.skip("set TEST_DATABASE_URL to a PostgreSQL server")
+    url = new_postgres_database()
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest.fixture(scope="session")
+def shared_postgres_url() -> Iterator[str | None]:
+    """One PostgreSQL database for this run's API tests (tables emptied between tests)."""
+    if not TEST_DATABASE_URL:
+        yield None
+        return
+    url = new_postgres_database()
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, shared_postgres_url: str | None
+) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'books.db'}"
+    assert shared_postgres_url
+    return shared_postgres_url
+
+
+@pytest.fixture
+async def client(database_url: str) -> AsyncIterator[AsyncTestClient]:
+    """The app, its lifespan run, on an empty books table."""
+    api.state.settings = Settings(database_url=database_url)
+    async with AsyncTestClient(api, base_url="http://testserver") as client:
+        async with api.state.engine.begin() as connection:
+            await connection.execute(text("DELETE FROM books"))
+        yield client
+
+
+BOOK = {"title": "Dune", "author": "Frank Herbert", "year": 1965, "isbn": "9780441172719"}
+
+
+@pytest.fixture
+async def book(client: AsyncTestClient) -> dict:
+    """One stored book, as the API returned it (with its ETag)."""
+    response = await client.post("/books", json=BOOK)
+    assert response.status_code == 201
+    return {**response.json(), "etag": response.headers["ETag"]}
