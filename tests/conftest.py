@@ -36,13 +36,13 @@ def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def _admin(sql: str) -> None:
+async def admin_query(sql: str, *args: object) -> object:
+    """Run one statement on the server's admin database; returns its first value."""
     assert TEST_DATABASE_URL
-    connection = await asyncpg.connect(
-        asyncpg_dsn(Settings(database_url=TEST_DATABASE_URL).database_url)
-    )
+    dsn = asyncpg_dsn(Settings(database_url=TEST_DATABASE_URL).database_url)
+    connection = await asyncpg.connect(dsn)
     try:
-        await connection.execute(sql)
+        return await connection.fetchval(sql, *args)
     finally:
         await connection.close()
 
@@ -51,14 +51,14 @@ def new_postgres_database() -> str:
     """Create a uniquely named database; returns its SQLAlchemy URL."""
     assert TEST_DATABASE_URL
     name = f"books_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    asyncio.run(admin_query(f'CREATE DATABASE "{name}"'))
     base = make_url(Settings(database_url=TEST_DATABASE_URL).database_url)
     return base.set(database=name).render_as_string(hide_password=False)
 
 
 def drop_postgres_database(url: str) -> None:
     name = make_url(url).database
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(admin_query(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

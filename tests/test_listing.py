@@ -195,5 +195,10 @@ async def test_cursor_with_another_sort_or_filter_is_400(client: AsyncTestClient
     assert (
         await client.get("/books", params={"size": 2, "sort": "title", "cursor": cursor})
     ).status_code == 200
-    for other in ({"sort": "-title"}, {"sort": "title", "year": 1990}, {"sort": "title", "q": "a"}):
+    others: list[dict[str, str | int]] = [
+        {"sort": "-title"},
+        {"sort": "title", "year": 1990},
+        {"sort": "title", "q": "a"},
+    ]
+    for other in others:
         assert_problem(await client.get("/books", params={**other, "cursor": cursor}), 400)

@@ -1,0 +1,186 @@
+"""Health, metrics, docs, configuration, outages and shutdown."""
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from responder.testing import AsyncTestClient
+from sqlalchemy.engine import make_url
+
+from app import api
+from settings import Settings
+from tests.conftest import BOOK, admin_query
+from tests.servers import ROOT, TcpProxy, free_port, run, start, wait_until_healthy
+from tests.test_books import assert_problem
+
+
+async def test_health_reports_the_database_with_latency(client: AsyncTestClient):
+    response = await client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["checks"]["database"]["status"] == "ok"
+    assert isinstance(body["checks"]["database"]["latency_ms"], float | int)
+
+
+async def test_metrics_count_requests_by_route(client: AsyncTestClient):
+    await client.get("/books")
+    await client.get("/books/424242")
+    text = (await client.get("/metrics")).text
+    assert 'responder_requests_total{method="GET",path="/books",status="200"}' in text
+    assert 'path="/books/{book_id}",status="404"' in text
+    assert "responder_request_duration_seconds_bucket" in text
+
+
+async def test_docs_page_and_openapi_document(client: AsyncTestClient):
+    docs = await client.get("/docs")
+    assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+    document = yaml.safe_load((await client.get("/schema.yml")).text)
+    as_json = (await client.get("/schema.yml", headers={"Accept": "application/json"})).json()
+    assert as_json["paths"].keys() == document["paths"].keys()
+    assert document["openapi"].startswith("3.")
+    paths = document["paths"]
+    assert set(paths["/books"]) >= {"get", "post"}
+    assert set(paths["/books/{book_id}"]) >= {"get", "put", "patch", "delete"}
+    listed = {parameter["name"] for parameter in paths["/books"]["get"]["parameters"]}
+    assert listed >= {"page", "size", "sort", "author", "year", "q", "cursor"}
+    for path, method in [
+        ("/books", "post"),
+        ("/books/{book_id}", "put"),
+        ("/books/{book_id}", "patch"),
+    ]:
+        assert "requestBody" in paths[path][method], (path, method)
+    assert "201" in paths["/books"]["post"]["responses"]
+    schemas = document["components"]["schemas"]
+    assert {"BookIn", "BookOut", "BookPatch"} <= set(schemas)
+
+
+async def test_every_response_has_a_request_id_and_problems_carry_it(client: AsyncTestClient):
+    response = await client.get("/books/9999", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["X-Request-ID"] == "abc-123"
+    assert assert_problem(response, 404)["request_id"] == "abc-123"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PORT", "abc"),
+        ("SQL_ECHO", "banana"),
+        ("DATABASE_URL", "nosuchdriver://x"),
+        ("PORT", "70000"),
+    ],
+)
+def test_a_bad_setting_stops_the_process_naming_the_variable(variable, value, tmp_path: Path):
+    result = run([str(ROOT / "app.py")], env={variable: value}, cwd=tmp_path)
+    assert result.returncode != 0
+    assert variable in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_settings_read_a_dotenv_file_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    (tmp_path / ".env").write_text("PORT=6000\nSQL_ECHO=true\nDATABASE_URL=postgres://u@h/db\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PORT", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("SQL_ECHO", "false")
+    settings = Settings()
+    assert settings.port == 6000
+    assert settings.sql_echo is False
+    assert make_url(settings.database_url).drivername == "postgresql+asyncpg"
+
+
+def test_postgresql_urls_mean_asyncpg():
+    for url in ("postgres://u@h/db", "postgresql://u@h/db", "postgresql+asyncpg://u@h/db"):
+        assert Settings(database_url=url).database_url == "postgresql+asyncpg://u@h/db"
+
+
+async def test_lifespan_leaves_no_database_connection_open(postgres_url: str):
+    api.state.settings = Settings(database_url=postgres_url)
+    async with AsyncTestClient(api, base_url="http://testserver") as client:
+        await asyncio.gather(*(client.get("/books") for _ in range(10)))
+    name = make_url(postgres_url).database
+    count = await admin_query("SELECT count(*) FROM pg_stat_activity WHERE datname = $1", name)
+    assert count == 0
+
+
+async def test_database_outage_is_503_quickly_and_the_service_recovers(postgres_url: str):
+    url = make_url(postgres_url)
+    proxy = TcpProxy(target_port=url.port or 5432)
+    await proxy.start()
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    api.state.settings = Settings(database_url=proxied)
+    async with AsyncTestClient(api, base_url="http://testserver") as client:
+        created = (await client.post("/books", json=BOOK)).json()
+        await proxy.cut()
+        for request in (
+            client.get(f"/books/{created['id']}"),
+            client.get("/books"),
+            client.post("/books", json={**BOOK, "isbn": None}),
+            client.patch(f"/books/{created['id']}", json={"year": 1}),
+        ):
+            started = time.monotonic()
+            response = await request
+            assert time.monotonic() - started < 5
+            body = assert_problem(response, 503)
+            assert str(proxy.port) not in response.text and "asyncpg" not in body["detail"]
+        health = await client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["checks"]["database"]["status"] == "error"
+        assert health.json()["status"] == "error"
+
+        await proxy.start()
+        deadline = time.monotonic() + 15
+        while (response := await client.get(f"/books/{created['id']}")).status_code != 200:
+            assert time.monotonic() < deadline, response.text
+            await asyncio.sleep(0.2)
+        assert response.json()["year"] == BOOK["year"]  # the write during the outage left nothing
+        assert (await client.get("/books")).json()["total"] == 1
+    await proxy.cut()
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits(tmp_path: Path):
+    port = free_port()
+    process = start(
+        ["app.py"],
+        env={"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'b.db'}", "PORT": str(port)},
+    )
+    wait_until_healthy(port, process)
+
+    async def traffic() -> list[httpx.Response | Exception]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+            async def one(n: int) -> httpx.Response | Exception:
+                try:
+                    return await http.post(
+                        "/books", json={"title": f"t{n}", "author": "a", "year": 1}
+                    )
+                except httpx.TransportError as exc:
+                    return exc
+
+            tasks = [asyncio.create_task(one(n)) for n in range(60)]
+            # signal once the server is busy: the first answer is back, the rest are in flight
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    started = time.monotonic()
+    results = asyncio.run(traffic())
+    output, _ = process.communicate(timeout=10)
+    assert time.monotonic() - started < 10
+    # uvicorn shuts down gracefully, then re-raises the signal it caught
+    assert process.returncode in (0, -signal.SIGTERM)
+    assert "Application shutdown complete." in output
+    answered = [r for r in results if isinstance(r, httpx.Response)]
+    assert len(answered) > 1, "no request was in flight when the signal came"
+    assert all(r.status_code == 201 and r.json()["id"] for r in answered)
+    # whatever was refused was refused before it was accepted, never cut mid-response
+    assert all(
+        isinstance(r, httpx.ConnectError) for r in results if not isinstance(r, httpx.Response)
+    )
