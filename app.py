@@ -59,6 +59,7 @@ api = API(
     metrics_route="/metrics",
     lifespan=lifespan,
     request_id=True,
+    security_headers=True,  # X-Content-Type-Options: nosniff and friends
     max_request_size=MAX_BODY_BYTES,
     problem_handler=plain_problem,
     sessions=False,  # a stateless JSON API: no cookie sessions

@@ -63,6 +63,12 @@ async def test_every_response_has_a_request_id_and_problems_carry_it(client: Asy
     response = await client.get("/books/9999", headers={"X-Request-ID": "abc-123"})
     assert response.headers["X-Request-ID"] == "abc-123"
     assert assert_problem(response, 404)["request_id"] == "abc-123"
+    assert (await client.get("/books")).headers["X-Request-ID"]
+
+
+async def test_responses_are_not_content_sniffed(client: AsyncTestClient):
+    for response in (await client.get("/books"), await client.get("/books/9999")):
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 @pytest.mark.parametrize(
