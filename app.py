@@ -4,6 +4,7 @@ Run it with `uv run app.py`, or any ASGI server: `uv run uvicorn app:api --worke
 """
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -14,7 +15,7 @@ import uvicorn
 from responder import API, Problem, Query, Request, Response
 from responder.ext.pagination import paginate, set_pagination_headers
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
@@ -29,6 +30,7 @@ MAX_BODY_BYTES = 1024 * 1024
 # Ids are 32-bit integers in the table; a larger one cannot name a book.
 MAX_ID = 2**31 - 1
 HEALTH_CHECK_TIMEOUT = 2.0
+logger = logging.getLogger("books")
 
 
 def plain_problem(payload: dict[str, Any]) -> dict[str, Any]:
@@ -102,8 +104,19 @@ async def database_unavailable(req: Request, resp: Response, exc: Exception) -> 
     )
 
 
-for unavailable in (OperationalError, DBAPIError, PoolTimeoutError, OSError, TimeoutError):
+# Refused or dropped connections, a full pool, a connect timeout: the database is away.
+for unavailable in (OperationalError, InterfaceError, PoolTimeoutError, OSError, TimeoutError):
     api.add_exception_handler(unavailable, database_unavailable)
+
+
+@api.exception_handler(DBAPIError)
+async def database_error(req: Request, resp: Response, exc: DBAPIError) -> None:
+    """A lost connection is a 503; any other driver error is our bug: a plain 500."""
+    if exc.connection_invalidated:
+        await database_unavailable(req, resp, exc)
+        return
+    logger.error("database error on %s %s", req.method, req.url.path, exc_info=exc)
+    resp.problem(500, "Internal Server Error")
 
 
 # --- Books -------------------------------------------------------------------
