@@ -1,5 +1,7 @@
 """The engine, the per-request sessions, and the schema check run at startup."""
 
+import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -52,7 +54,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
-    """WAL, a busy timeout, foreign keys, and transactions that begin when we say.
+    """A busy timeout, foreign keys, and transactions that begin when we say.
 
     The sqlite3 driver would otherwise start transactions lazily at the first
     write, so two requests that read and then write could both hold a read
@@ -66,7 +68,6 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -76,6 +77,28 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _on_begin(connection: Connection) -> None:
         write = connection.get_execution_options().get(SQLITE_WRITE, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+async def _switch_to_wal(engine: AsyncEngine) -> None:
+    """Put the SQLite file in WAL mode (readers never wait for the writer).
+
+    WAL belongs to the file, so it is set once, here at startup. The switch
+    needs the file to itself for a moment and SQLite refuses rather than waits
+    when workers starting together collide, so retry briefly.
+    """
+    for _ in range(100):
+        async with engine.connect() as connection:
+            driver = (await connection.get_raw_connection()).driver_connection
+            assert driver is not None  # the aiosqlite connection of a live pool entry
+            try:
+                cursor = await driver.execute("PRAGMA journal_mode=WAL")
+                row = await cursor.fetchone()
+                if row is not None and row[0] == "wal":
+                    return
+            except sqlite3.OperationalError:
+                pass
+        await asyncio.sleep(0.05)
+    raise SchemaError("could not switch the SQLite database to WAL mode: is it busy?")
 
 
 def _alembic_script() -> ScriptDirectory:
@@ -113,6 +136,8 @@ def _create_or_check_schema(connection: Connection) -> None:
 
 async def prepare_schema(engine: AsyncEngine) -> None:
     """Run `_create_or_check_schema` under a lock, so that concurrent workers take turns."""
+    if engine.dialect.name == "sqlite":
+        await _switch_to_wal(engine)
     async with engine.connect() as connection:
         if engine.dialect.name == "sqlite":
             connection = await connection.execution_options(**{SQLITE_WRITE: True})

@@ -81,6 +81,23 @@ async def test_a_database_left_by_downgrade_base_counts_as_empty(empty_database:
     assert await revisions(empty_database) == [HEAD]
 
 
+async def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path):
+    await serve_one_book(f"sqlite+aiosqlite:///{tmp_path / 'books.db'}")
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "books.db") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    engine = create_engine(Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'books.db'}"))
+    try:
+        async with engine.connect() as connection:
+            timeout = await connection.exec_driver_sql("PRAGMA busy_timeout")
+            assert timeout.scalar() == database.SQLITE_BUSY_TIMEOUT_MS
+            foreign_keys = await connection.exec_driver_sql("PRAGMA foreign_keys")
+            assert foreign_keys.scalar() == 1
+    finally:
+        await engine.dispose()
+
+
 async def test_concurrent_startups_on_an_empty_database_do_not_fail(empty_database: str):
     engines = [create_engine(Settings(database_url=empty_database)) for _ in range(6)]
     try:
