@@ -56,7 +56,17 @@ async def test_docs_page_and_openapi_document(client: AsyncTestClient):
         assert "requestBody" in paths[path][method], (path, method)
     assert "201" in paths["/books"]["post"]["responses"]
     schemas = document["components"]["schemas"]
-    assert {"BookIn", "BookOut", "BookPatch"} <= set(schemas)
+    assert {"BookIn", "BookOut", "BookPatch", "BookPage"} <= set(schemas)
+
+    def success_schema(path: str, method: str, status: str) -> str:
+        return paths[path][method]["responses"][status]["content"]["application/json"]["schema"][
+            "$ref"
+        ]
+
+    assert success_schema("/books", "get", "200").endswith("/BookPage")
+    assert success_schema("/books", "post", "201").endswith("/BookOut")
+    for method in ("get", "put", "patch"):
+        assert success_schema("/books/{book_id}", method, "200").endswith("/BookOut")
 
 
 async def test_every_response_has_a_request_id_and_problems_carry_it(client: AsyncTestClient):
