@@ -6,21 +6,23 @@ Run it with `uv run app.py`, or any ASGI server: `uv run uvicorn app:api --worke
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 from urllib.parse import urlencode
 
 import uvicorn
 from responder import API, Problem, Query, Request, Response
+from responder.ext.metrics import MetricsCollector
 from responder.ext.pagination import paginate, set_pagination_headers
-from sqlalchemy import text
+from sqlalchemy import ColumnElement, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
-from database import lifespan
+from cache import BOOKS_GENERATION, BookCache, Entry, book_generation, book_key, open_cache
+from database import open_database, pool_metrics
 from listing import SORT_PATTERN, SORTABLE, BookQuery
 from models import Book, utc_now
 from schemas import BookIn, BookOut, BookPage, BookPatch
@@ -53,6 +55,14 @@ def plain_problem(payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+@asynccontextmanager
+async def lifespan(api: API) -> AsyncIterator[None]:
+    """Per process (per event loop): the database, its schema checked, and the cache."""
+    async with open_database(api), open_cache(api.state.settings) as cache:
+        api.state.cache = cache
+        yield
+
+
 api = API(
     title="Books",
     version="1.0.0",
@@ -82,6 +92,11 @@ def writing(req: Request) -> AbstractAsyncContextManager[AsyncSession]:
     """One session and one transaction for a request that writes: committed as a whole
     when the block ends, rolled back if anything in it raises."""
     return req.api.state.async_write_session.begin()  # type: ignore[no-any-return]
+
+
+def book_cache(req: Request) -> BookCache:
+    """The shared cache (a no-op without `REDIS_URL`)."""
+    return req.api.state.cache  # type: ignore[no-any-return]
 
 
 @api.exception_handler(IntegrityError)
@@ -202,21 +217,50 @@ async def list_books(
 ) -> BookPage:
     """List books a page at a time, by page number or by cursor."""
     query = BookQuery(sort=sort, author=author, year=year, q=q)
-    rows = query.rows().limit(size + 1)
-    if cursor is None:
-        rows = rows.offset((page - 1) * size)
+    after = None if cursor is None else query.after(cursor)  # a bad cursor is a 400 first
+    number = page if cursor is None else None
+    page_key, total_key = query.page_key(size, number, cursor), query.total_key()
+    cache = book_cache(req)
+    lookup = await cache.lookup(BOOKS_GENERATION, page_key, total_key)
+    cached_page, cached_total = lookup.entries
+    if cached_page is not None:
+        books = BookPage.model_validate_json(cached_page.body)
     else:
-        rows = rows.where(query.after(cursor))
+        total = None if cached_total is None else int(cached_total.body)
+        books = await read_page(req, query, number, size, after, total)
+        if lookup.storable:
+            await cache.store(
+                lookup,
+                {page_key: Entry(books.model_dump_json()), total_key: Entry(str(books.total))},
+            )
+    if cursor is None:
+        set_pagination_headers(req, resp, books)
+    else:
+        set_cursor_headers(req, resp, books.total, books.next_cursor)
+    return books
+
+
+async def read_page(
+    req: Request,
+    query: BookQuery,
+    page: int | None,
+    size: int,
+    after: ColumnElement[bool] | None,
+    total: int | None,
+) -> BookPage:
+    """One page from the database: by number (`page`) or after a cursor (`after`).
+
+    `total` is the count when the cache already knows it.
+    """
+    rows = query.rows().limit(size + 1)
+    rows = rows.offset(((page or 1) - 1) * size) if after is None else rows.where(after)
     async with reading(req) as session:
-        total = await session.scalar(query.count()) or 0
+        if total is None:
+            total = await session.scalar(query.count()) or 0
         books = list(await session.scalars(rows))
     next_cursor = query.cursor_after(books[size - 1]) if len(books) > size else None
-    result = paginate(books[:size], page=page, size=size, total=total)
-    if cursor is None:
-        set_pagination_headers(req, resp, result)
-        return BookPage(**dict(result), next_cursor=next_cursor)
-    set_cursor_headers(req, resp, total, next_cursor)
-    return BookPage(**dict(result) | {"page": None}, next_cursor=next_cursor)
+    result = paginate(books[:size], page=page or 1, size=size, total=total)
+    return BookPage(**dict(result) | {"page": page}, next_cursor=next_cursor)
 
 
 def set_cursor_headers(req: Request, resp: Response, total: int, next_cursor: str | None) -> None:
@@ -237,6 +281,7 @@ async def create_book(req: Request, resp: Response, *, book: BookIn) -> BookOut:
     created = Book(**book.model_dump(), created_at=now, updated_at=now)
     async with writing(req) as session:
         session.add(created)
+    await book_cache(req).invalidate()
     resp.headers["Location"] = f"/books/{created.id}"
     resp.headers["ETag"] = etag(created)
     return BookOut.model_validate(created)
@@ -245,10 +290,18 @@ async def create_book(req: Request, resp: Response, *, book: BookIn) -> BookOut:
 @api.get("/books/{book_id:int}")
 async def get_book(req: Request, resp: Response, *, book_id: int) -> BookOut:
     """One book, with its ETag; `If-None-Match` with that ETag answers 304."""
+    cache = book_cache(req)
+    lookup = await cache.lookup(book_generation(book_id), book_key(book_id))
+    if (cached := lookup.entries[0]) is not None:
+        resp.etag = cached.etag
+        return BookOut.model_validate_json(cached.body)
     async with reading(req) as session:
         book = await find_book(session, book_id)
+    found = BookOut.model_validate(book)
     resp.etag = etag(book)
-    return BookOut.model_validate(book)
+    if lookup.storable:
+        await cache.store(lookup, {book_key(book_id): Entry(found.model_dump_json(), resp.etag)})
+    return found
 
 
 @api.put("/books/{book_id:int}", before=json_body("application/json"))
@@ -258,6 +311,7 @@ async def replace_book(req: Request, resp: Response, *, book_id: int, book: Book
         stored = await find_book(session, book_id, for_update=True)
         check_preconditions(req, stored)
         apply_changes(session, stored, book.model_dump())
+    await book_cache(req).invalidate(book_id)
     resp.headers["ETag"] = etag(stored)
     return BookOut.model_validate(stored)
 
@@ -272,6 +326,7 @@ async def update_book(req: Request, resp: Response, *, book_id: int, patch: Book
         stored = await find_book(session, book_id, for_update=True)
         check_preconditions(req, stored)
         apply_changes(session, stored, patch.model_dump(exclude_unset=True))
+    await book_cache(req).invalidate(book_id)
     resp.headers["ETag"] = etag(stored)
     return BookOut.model_validate(stored)
 
@@ -283,6 +338,7 @@ async def delete_book(req: Request, resp: Response, *, book_id: int) -> None:
         book = await find_book(session, book_id, for_update=True)
         check_preconditions(req, book)
         await session.delete(book)
+    await book_cache(req).invalidate(book_id)
 
 
 # --- Operations --------------------------------------------------------------
@@ -291,6 +347,11 @@ async def delete_book(req: Request, resp: Response, *, book_id: int) -> None:
 async def database_check(req: Request) -> None:
     async with reading(req) as session:
         await session.execute(text("SELECT 1"))
+
+
+async def cache_check(req: Request) -> None:
+    if not await book_cache(req).ping():
+        raise ConnectionError("the cache did not answer")
 
 
 async def timed(check: Callable[[Request], Any], req: Request) -> dict[str, Any]:
@@ -307,15 +368,36 @@ async def timed(check: Callable[[Request], Any], req: Request) -> dict[str, Any]
 
 @api.get("/health", include_in_schema=False)
 async def health(req: Request, resp: Response) -> None:
-    """200 while the database answers, 503 otherwise.
+    """200 while the database answers, 503 otherwise; the cache is reported, not required.
 
     Written out rather than `health_route=`: Responder's version reports no
     latency, runs checks without a timeout and sends exception text to clients.
     """
-    checks = {"database": await timed(database_check, req)}
-    healthy = all(check["status"] == "ok" for check in checks.values())
+    checks = {"database": timed(database_check, req)}
+    if book_cache(req).enabled:
+        checks["cache"] = timed(cache_check, req)
+    results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
+    healthy = results["database"]["status"] == "ok"
     resp.status_code = 200 if healthy else 503
-    resp.media = {"status": "ok" if healthy else "error", "checks": checks}
+    resp.media = {"status": "ok" if healthy else "error", "checks": results}
+
+
+class ServiceMetrics:
+    """Responder's request metrics, then the database pool and the cache figures."""
+
+    def __init__(self, requests: MetricsCollector) -> None:
+        self.requests = requests
+
+    def render(self) -> str:
+        text = self.requests.render()
+        if hasattr(api.state, "engine"):
+            text += pool_metrics(api.state.engine) + api.state.cache.metrics()
+        return text
+
+
+# Responder's /metrics route renders whatever `api.metrics` is at request time;
+# its middleware keeps recording into the collector wrapped here.
+api.metrics = ServiceMetrics(api.metrics)  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from responder import API
-from sqlalchemy import Connection, event, inspect
+from sqlalchemy import Connection, QueuePool, event, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from models import Base
@@ -147,8 +147,21 @@ async def prepare_schema(engine: AsyncEngine) -> None:
             await connection.run_sync(_create_or_check_schema)
 
 
+def pool_metrics(engine: AsyncEngine) -> str:
+    """The connection pool's gauges in Prometheus text format."""
+    pool = engine.pool
+    if not isinstance(pool, QueuePool):
+        return ""
+    return (
+        "# HELP books_db_pool_connections Connections held by this process's pool.\n"
+        "# TYPE books_db_pool_connections gauge\n"
+        f'books_db_pool_connections{{state="in_use"}} {pool.checkedout()}\n'
+        f'books_db_pool_connections{{state="idle"}} {pool.checkedin()}\n'
+    )
+
+
 @asynccontextmanager
-async def lifespan(api: API) -> AsyncIterator[None]:
+async def open_database(api: API) -> AsyncIterator[None]:
     """Open the engine for this process's event loop, check the schema, dispose at exit.
 
     The settings come from `api.state.settings` (set in app.py, replaced by tests).

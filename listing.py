@@ -82,6 +82,16 @@ class BookQuery:
         raw = orjson.dumps({"v": values, "q": self._fingerprint()})
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
+    def page_key(self, size: int, page: int | None, cursor: str | None) -> str:
+        """The cache key of one page: the same listing, however its parameters were written."""
+        position = f"page={page}" if cursor is None else f"cursor={cursor}"
+        return f"page:{self._fingerprint()}:size={size}:{position}"
+
+    def total_key(self) -> str:
+        """The cache key of the count, shared by every sort order and page of these filters."""
+        key = orjson.dumps([self.author, self.year, self.q or None])
+        return f"total:{hashlib.sha256(key).hexdigest()[:16]}"
+
     def _fingerprint(self) -> str:
         """Ties a cursor to the sort and filters it was made under."""
         key = orjson.dumps([self.order, self.author, self.year, self.q or None])

@@ -2,7 +2,7 @@
 
 import sys
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, RedisDsn, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(
         3.0, gt=0, description="Seconds to wait for a new database connection."
     )
+    redis_url: RedisDsn | None = Field(None, description="Turns the shared cache on.")
+    cache_ttl_seconds: int = Field(300, ge=1, description="Life of a cached entry.")
+    cache_prefix: str = Field("books:", description="Prefix of every cache key.")
 
     @field_validator("database_url")
     @classmethod
@@ -37,6 +40,12 @@ class Settings(BaseSettings):
         except (ArgumentError, NoSuchModuleError, ValueError) as exc:
             raise ValueError(f"not a usable SQLAlchemy URL ({type(exc).__name__})") from None
         return value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_means_off(cls, value: object) -> object:
+        """`REDIS_URL=` (set but empty, as compose files often leave it) keeps the cache off."""
+        return None if value == "" else value
 
     @property
     def is_sqlite(self) -> bool:

@@ -1,7 +1,9 @@
-"""Fixtures: every API test runs on SQLite and, when TEST_DATABASE_URL is set, on PostgreSQL.
+"""Fixtures: every API test runs on SQLite and, when TEST_DATABASE_URL is set, on PostgreSQL,
+and with TEST_REDIS_URL too, on PostgreSQL with the shared cache on.
 
 PostgreSQL tests get a database of their own per test session (created here,
-dropped at the end); each test starts from an empty `books` table.
+dropped at the end); each test starts from an empty `books` table and, with
+the cache, a key prefix of its own (its keys are deleted afterwards).
 """
 
 import asyncio
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis
 from responder.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -20,14 +23,15 @@ from app import api
 from settings import Settings
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL")
+needs_postgres = pytest.mark.skipif(
+    not TEST_DATABASE_URL, reason="set TEST_DATABASE_URL to a PostgreSQL server"
+)
+needs_redis = pytest.mark.skipif(not TEST_REDIS_URL, reason="set TEST_REDIS_URL to a Redis server")
 BACKENDS = [
     "sqlite",
-    pytest.param(
-        "postgresql",
-        marks=pytest.mark.skipif(
-            not TEST_DATABASE_URL, reason="set TEST_DATABASE_URL to a PostgreSQL server"
-        ),
-    ),
+    pytest.param("postgresql", marks=needs_postgres),
+    pytest.param("postgresql+cache", marks=[needs_postgres, needs_redis]),
 ]
 
 
@@ -82,20 +86,44 @@ def shared_postgres_url() -> Iterator[str | None]:
     drop_postgres_database(url)
 
 
+@pytest.fixture
+def cache_prefix() -> Iterator[str]:
+    """A key prefix of this test's own in the test Redis, its keys deleted afterwards."""
+    if not TEST_REDIS_URL:
+        pytest.skip("set TEST_REDIS_URL to a Redis server")
+    prefix = f"books-test-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    with redis.Redis.from_url(TEST_REDIS_URL) as server:
+        for key in server.scan_iter(match=f"{prefix}*"):
+            server.delete(key)
+
+
 @pytest.fixture(params=BACKENDS)
-def database_url(
+def settings(
     request: pytest.FixtureRequest, tmp_path: Path, shared_postgres_url: str | None
-) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'books.db'}"
-    assert shared_postgres_url
-    return shared_postgres_url
+) -> Settings:
+    """The settings of one backend; the cache stays off unless the backend names it."""
+    database, _, cache = request.param.partition("+")
+    if database == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'books.db'}"
+    else:
+        assert shared_postgres_url
+        url = shared_postgres_url
+    if not cache:
+        return Settings(database_url=url, redis_url=None)
+    prefix = request.getfixturevalue("cache_prefix")
+    return Settings(database_url=url, redis_url=TEST_REDIS_URL, cache_prefix=prefix)
 
 
 @pytest.fixture
-async def client(database_url: str) -> AsyncIterator[AsyncTestClient]:
+def database_url(settings: Settings) -> str:
+    return settings.database_url
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
     """The app, its lifespan run, on an empty books table."""
-    api.state.settings = Settings(database_url=database_url)
+    api.state.settings = settings
     async with AsyncTestClient(api, base_url="http://testserver") as client:
         async with api.state.engine.begin() as connection:
             await connection.execute(text("DELETE FROM books"))

@@ -1,0 +1,232 @@
+"""The optional shared cache: read-through entries in Redis, coherent across instances.
+
+Every entry is guarded by a *generation*: a random token stored under its own
+key (one per book, one for every list and total). A reader fetches the
+generation together with the entries in one round trip, and stores what it
+read from the database tagged with the generation it saw *before* that read.
+A writer, after its commit and before its response, gives the generations it
+affects new tokens. So a reader that fetched a row before a write committed
+can still store it, even after the write's invalidation, but under a token
+nobody looks for any more: a read that starts after a write was acknowledged
+never sees the state before it.
+
+Redis is never allowed to fail a request: every call is bounded by
+`CALL_TIMEOUT`, and after an error the cache is bypassed for `BACKOFF_SECONDS`.
+An invalidation that could not be delivered is kept and retried in the
+background; until it is delivered this instance reads from the database only.
+Other instances may serve the old entry until it expires (`CACHE_TTL_SECONDS`).
+"""
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import orjson
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from settings import Settings
+
+# The contract: a cache call never delays a request by more than 100 ms.
+CALL_TIMEOUT = 0.1
+# After a failed call, requests skip the cache for this long instead of each
+# paying the timeout again.
+BACKOFF_SECONDS = 1.0
+# How often undelivered invalidations are retried.
+RETRY_INTERVAL = 0.5
+# The generation of every list page and total: any write changes it.
+BOOKS_GENERATION = "generation:books"
+
+logger = logging.getLogger("books.cache")
+T = TypeVar("T")
+
+
+def book_generation(book_id: int) -> str:
+    return f"generation:book:{book_id}"
+
+
+def book_key(book_id: int) -> str:
+    return f"book:{book_id}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a cached response needs: its serialised body and, for a book, its ETag."""
+
+    body: str
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The entries found (None for a miss) and the generation token to store them under."""
+
+    entries: list[Entry | None]
+    tag: str | None = None
+    storable: bool = False
+
+
+@dataclass
+class BookCache:
+    """Read-through entries for books, pages and totals; `redis=None` turns it off."""
+
+    redis: Redis | None
+    prefix: str = "books:"
+    ttl: int = 300
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0
+    _bypass_until: float = 0.0
+    # Generations whose invalidation failed, each with a unique mark, so that the
+    # retry only clears what it delivered (not a mark added while it ran).
+    _undelivered: dict[str, int] = field(default_factory=dict)
+    _marks: Iterator[int] = field(default_factory=itertools.count)
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis is not None
+
+    @property
+    def bypassed(self) -> bool:
+        """Skip the cache: it failed a moment ago, or this instance owes it an invalidation."""
+        return bool(self._undelivered) or time.monotonic() < self._bypass_until
+
+    async def lookup(self, generation: str, *names: str) -> Lookup:
+        """The entries `names`, valid only if stored under `generation`'s current token."""
+        misses = Lookup([None] * len(names))
+        if self.redis is None:
+            return misses
+        values = None
+        if not self.bypassed:
+            keys = [self.prefix + key for key in (generation, *names)]
+            values = await self._call(self.redis.mget(keys))
+        if values is None:
+            self.misses += len(names)
+            return misses
+        tag = values[0].decode() if isinstance(values[0], bytes) else values[0]
+        entries = [_entry(value, tag) for value in values[1:]]
+        found = sum(entry is not None for entry in entries)
+        self.hits += found
+        self.misses += len(names) - found
+        return Lookup(entries, tag, storable=True)
+
+    async def store(self, lookup: Lookup, entries: dict[str, Entry]) -> None:
+        """Keep `entries`, tagged with the generation `lookup` saw before the database read."""
+        if self.redis is None or not lookup.storable:
+            return
+        pipeline = self.redis.pipeline(transaction=False)
+        for name, entry in entries.items():
+            value = orjson.dumps([lookup.tag, entry.body, entry.etag])
+            pipeline.set(self.prefix + name, value, ex=self.ttl)
+        await self._call(pipeline.execute())
+
+    async def invalidate(self, book_id: int | None = None) -> None:
+        """After a committed write: new tokens for every list and total, and for the book."""
+        if self.redis is None:
+            return
+        generations = {BOOKS_GENERATION}
+        if book_id is not None:
+            generations.add(book_generation(book_id))
+        if time.monotonic() < self._bypass_until or not await self._renew(generations):
+            for generation in generations:
+                self._undelivered[generation] = next(self._marks)
+
+    async def deliver(self) -> None:
+        """Retry the invalidations that failed (run by one background task only)."""
+        undelivered = dict(self._undelivered)
+        if undelivered and await self._renew(set(undelivered)):
+            for generation, mark in undelivered.items():
+                if self._undelivered.get(generation) == mark:
+                    del self._undelivered[generation]
+
+    async def _renew(self, generations: set[str]) -> bool:
+        assert self.redis is not None
+        pipeline = self.redis.pipeline(transaction=False)
+        for generation in generations:
+            # Generations outlive the entries they guard (see `_entry`).
+            pipeline.set(self.prefix + generation, secrets.token_hex(8), ex=2 * self.ttl)
+        return await self._call(pipeline.execute()) is not None
+
+    async def ping(self) -> bool:
+        return self.redis is not None and await self._call(self.redis.ping()) is not None
+
+    async def _call(self, call: Awaitable[T]) -> T | None:
+        """Run one Redis call within `CALL_TIMEOUT`; None (and a bypass) if it fails."""
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                return await call
+        except (RedisError, TimeoutError, OSError) as exc:
+            self.errors += 1
+            self._bypass_until = time.monotonic() + BACKOFF_SECONDS
+            logger.warning("cache unavailable (%s); reading from the database", type(exc).__name__)
+            return None
+
+    def metrics(self) -> str:
+        """The cache counters in Prometheus text format (empty when the cache is off)."""
+        if not self.enabled:
+            return ""
+        lines = []
+        for name, value, meaning in (
+            ("hits", self.hits, "Cache entries found."),
+            ("misses", self.misses, "Cache entries read from the database instead."),
+            ("errors", self.errors, "Cache calls that failed or timed out."),
+        ):
+            lines += [
+                f"# HELP books_cache_{name}_total {meaning}",
+                f"# TYPE books_cache_{name}_total counter",
+                f"books_cache_{name}_total {value}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def _entry(value: bytes | str | None, tag: str | None) -> Entry | None:
+    """The entry stored in `value` if it was stored under generation `tag`.
+
+    A missing generation (never written, or expired) counts as a tag of its
+    own. Generations live twice as long as entries, so an entry stored under
+    "missing" before a write cannot outlive that write's token and match again.
+    """
+    if value is None:
+        return None
+    try:
+        stored_tag, body, etag = orjson.loads(value)
+    except (orjson.JSONDecodeError, ValueError, TypeError):
+        return None
+    return Entry(body, etag) if stored_tag == tag else None
+
+
+async def _deliver_invalidations(cache: BookCache) -> None:
+    while True:
+        await asyncio.sleep(RETRY_INTERVAL)
+        await cache.deliver()
+
+
+@asynccontextmanager
+async def open_cache(settings: Settings) -> AsyncIterator[BookCache]:
+    """The cache for this event loop (off without `REDIS_URL`), closed at exit."""
+    if settings.redis_url is None:
+        yield BookCache(None)
+        return
+    redis = Redis.from_url(
+        str(settings.redis_url),
+        socket_timeout=CALL_TIMEOUT,
+        socket_connect_timeout=CALL_TIMEOUT,
+        # One immediate retry lets a pooled connection that Redis closed reconnect.
+        retry=Retry(NoBackoff(), 1),
+    )
+    cache = BookCache(redis, prefix=settings.cache_prefix, ttl=settings.cache_ttl_seconds)
+    retrying = asyncio.create_task(_deliver_invalidations(cache))
+    try:
+        yield cache
+    finally:
+        retrying.cancel()
+        await cache.deliver()
+        await redis.aclose()
