@@ -1,6 +1,7 @@
 """Health, metrics, docs, configuration, outages and shutdown."""
 
 import asyncio
+import re
 import signal
 import time
 from pathlib import Path
@@ -18,22 +19,30 @@ from tests.servers import ROOT, TcpProxy, free_port, run, start, wait_until_heal
 from tests.test_books import assert_problem
 
 
-async def test_health_reports_the_database_with_latency(client: AsyncTestClient):
+async def test_health_reports_the_database_with_latency(
+    client: AsyncTestClient, settings: Settings
+):
     response = await client.get("/health")
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok"
     assert body["checks"]["database"]["status"] == "ok"
     assert isinstance(body["checks"]["database"]["latency_ms"], float | int)
+    assert ("cache" in body["checks"]) == (settings.redis_url is not None)
 
 
-async def test_metrics_count_requests_by_route(client: AsyncTestClient):
-    await client.get("/books")
-    await client.get("/books/424242")
+async def test_metrics_count_requests_by_route_pool_and_cache(
+    client: AsyncTestClient, settings: Settings
+):
+    await client.get("/books")  # misses a page and its total
+    await client.get("/books/424242")  # misses a book
     text = (await client.get("/metrics")).text
     assert 'responder_requests_total{method="GET",path="/books",status="200"}' in text
     assert 'path="/books/{book_id}",status="404"' in text
     assert "responder_request_duration_seconds_bucket" in text
+    assert 'books_db_pool_connections{state="in_use"} 0' in text  # all returned
+    assert re.search(r'books_db_pool_connections\{state="idle"\} [1-9]', text)
+    assert ("books_cache_misses_total 3" in text) == (settings.redis_url is not None)
 
 
 async def test_docs_page_and_openapi_document(client: AsyncTestClient):
@@ -88,6 +97,9 @@ async def test_responses_are_not_content_sniffed(client: AsyncTestClient):
         ("SQL_ECHO", "banana"),
         ("DATABASE_URL", "nosuchdriver://x"),
         ("PORT", "70000"),
+        ("REDIS_URL", "http://127.0.0.1:6379"),
+        ("REDIS_URL", "redis://127.0.0.1:port"),
+        ("CACHE_TTL_SECONDS", "0"),
     ],
 )
 def test_a_bad_setting_stops_the_process_naming_the_variable(variable, value, tmp_path: Path):
@@ -110,6 +122,11 @@ def test_settings_read_a_dotenv_file_and_the_environment_wins(
     assert settings.port == 6000
     assert settings.sql_echo is False
     assert make_url(settings.database_url).drivername == "postgresql+asyncpg"
+
+
+def test_an_empty_redis_url_leaves_the_cache_off(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("REDIS_URL", "")
+    assert Settings().redis_url is None
 
 
 def test_postgresql_urls_mean_asyncpg():
