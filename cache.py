@@ -11,7 +11,8 @@ nobody looks for any more: a read that starts after a write was acknowledged
 never sees the state before it.
 
 Redis is never allowed to fail a request: every call is bounded by
-`CALL_TIMEOUT`, and after an error the cache is bypassed for `BACKOFF_SECONDS`.
+`CALL_TIMEOUT`, and after a few errors in a row the cache is bypassed for
+`BACKOFF_SECONDS`.
 An invalidation that could not be delivered is kept and retried in the
 background; until it is delivered this instance reads from the database only.
 Other instances may serve the old entry until it expires (`CACHE_TTL_SECONDS`).
@@ -37,8 +38,9 @@ from settings import Settings
 
 # The contract: a cache call never delays a request by more than 100 ms.
 CALL_TIMEOUT = 0.1
-# After a failed call, requests skip the cache for this long instead of each
-# paying the timeout again.
+# After this many failed calls in a row, requests skip the cache for
+# BACKOFF_SECONDS instead of each paying the timeout again.
+FAILURES_BEFORE_BYPASS = 3
 BACKOFF_SECONDS = 1.0
 # How often undelivered invalidations are retried.
 RETRY_INTERVAL = 0.5
@@ -84,6 +86,7 @@ class BookCache:
     hits: int = 0
     misses: int = 0
     errors: int = 0
+    _failures: int = 0
     _bypass_until: float = 0.0
     # Generations whose invalidation failed, each with a unique mark, so that the
     # retry only clears what it delivered (not a mark added while it ran).
@@ -159,15 +162,26 @@ class BookCache:
         return self.redis is not None and await self._call(self.redis.ping()) is not None
 
     async def _call(self, call: Awaitable[T]) -> T | None:
-        """Run one Redis call within `CALL_TIMEOUT`; None (and a bypass) if it fails."""
+        """Run one Redis call within `CALL_TIMEOUT`; None if it fails.
+
+        A few failures in a row open a bypass: a single timeout is more often
+        this process's own busy event loop than an unresponsive Redis.
+        """
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
-                return await call
+                result = await call
         except (RedisError, TimeoutError, OSError) as exc:
             self.errors += 1
-            self._bypass_until = time.monotonic() + BACKOFF_SECONDS
-            logger.warning("cache unavailable (%s); reading from the database", type(exc).__name__)
+            self._failures += 1
+            if self._failures >= FAILURES_BEFORE_BYPASS:
+                self._bypass_until = time.monotonic() + BACKOFF_SECONDS
+            if self._failures == FAILURES_BEFORE_BYPASS:
+                logger.warning("cache unavailable (%r): reading from the database", exc)
             return None
+        if self._failures >= FAILURES_BEFORE_BYPASS:
+            logger.warning("cache available again")
+        self._failures = 0
+        return result
 
     def metrics(self) -> str:
         """The cache counters in Prometheus text format (empty when the cache is off)."""
