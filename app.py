@@ -6,7 +6,7 @@ Run it with `uv run app.py`, or any ASGI server: `uv run uvicorn app:api --worke
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 from urllib.parse import urlencode
@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from cache import BOOKS_GENERATION, BookCache, Entry, book_generation, book_key, open_cache
-from database import open_database, pool_metrics
+from database import open_database, pool_metrics, write_transaction
 from listing import SORT_PATTERN, SORTABLE, BookQuery
 from models import Book, utc_now
 from schemas import BookIn, BookOut, BookPage, BookPatch
@@ -84,14 +84,18 @@ api.state.settings = load_settings()
 
 
 def reading(req: Request) -> AbstractAsyncContextManager[AsyncSession]:
-    """One session and one transaction for a request that only reads."""
-    return req.api.state.async_session.begin()  # type: ignore[no-any-return]
+    """One session for a request that only reads; closing it ends its transaction.
+
+    (No `.begin()`: a read has nothing to commit, and a commit plus the pool's
+    reset would be two more round trips to the driver.)
+    """
+    return req.api.state.async_session()  # type: ignore[no-any-return]
 
 
 def writing(req: Request) -> AbstractAsyncContextManager[AsyncSession]:
     """One session and one transaction for a request that writes: committed as a whole
     when the block ends, rolled back if anything in it raises."""
-    return req.api.state.async_write_session.begin()  # type: ignore[no-any-return]
+    return write_transaction(req.api.state)
 
 
 def book_cache(req: Request) -> BookCache:
@@ -184,11 +188,12 @@ def apply_changes(session: AsyncSession, book: Book, changes: dict[str, Any]) ->
         book.updated_at = utc_now()
 
 
-def json_body(*media_types: str) -> Callable[[Request, Response], None]:
+def json_body(*media_types: str) -> Callable[[Request, Response], Awaitable[None]]:
     """A before-hook answering 415 unless the body is one of `media_types` (any charset)."""
     header = "Accept-Patch" if "application/merge-patch+json" in media_types else "Accept-Post"
 
-    def require(req: Request, resp: Response) -> None:
+    # async, though it awaits nothing: Responder runs a sync hook in a thread pool.
+    async def require(req: Request, resp: Response) -> None:
         media_type = req.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if media_type not in media_types:
             raise Problem(
@@ -252,12 +257,16 @@ async def read_page(
 
     `total` is the count when the cache already knows it.
     """
-    rows = query.rows().limit(size + 1)
-    rows = rows.offset(((page or 1) - 1) * size) if after is None else rows.where(after)
     async with reading(req) as session:
         if total is None:
             total = await session.scalar(query.count()) or 0
+        if after is None:
+            rows, backwards = query.numbered_page(page or 1, size, total)
+        else:
+            rows, backwards = query.rows().where(after).limit(size + 1), False
         books = list(await session.scalars(rows))
+    if backwards:
+        books.reverse()
     next_cursor = query.cursor_after(books[size - 1]) if len(books) > size else None
     result = paginate(books[:size], page=page or 1, size=size, total=total)
     return BookPage(**dict(result) | {"page": page}, next_cursor=next_cursor)

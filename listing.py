@@ -11,7 +11,7 @@ import orjson
 from responder import Problem
 from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select
 
-from models import Book
+from models import Book, BookCount
 
 TIMESTAMPS = ("created_at", "updated_at")
 SORTABLE = ("id", "title", "author", "year", *TIMESTAMPS)
@@ -55,15 +55,33 @@ class BookQuery:
         return conditions
 
     def count(self) -> Select[int]:
-        return select(func.count()).select_from(Book).where(*self.where())
+        """How many books match; without filters, the count the triggers keep (no scan)."""
+        conditions = self.where()
+        if not conditions:
+            return select(func.coalesce(func.sum(BookCount.books), 0))
+        return select(func.count()).select_from(Book).where(*conditions)
 
-    def rows(self) -> Select[Book]:
-        columns = [getattr(Book, field) for field, _ in self.order]
+    def rows(self, *, backwards: bool = False) -> Select[Book]:
+        """The matching books in this query's order (or exactly the reverse)."""
         ordering = [
-            column.desc() if desc else column.asc()
-            for column, (_, desc) in zip(columns, self.order, strict=True)
+            getattr(Book, field).desc() if desc != backwards else getattr(Book, field).asc()
+            for field, desc in self.order
         ]
         return select(Book).where(*self.where()).order_by(*ordering)
+
+    def numbered_page(self, page: int, size: int, total: int) -> tuple[Select[Book], bool]:
+        """Page `page`'s books plus the one after it, and whether they come in reverse.
+
+        OFFSET walks every row it skips, so a page past the middle is read
+        backwards from the end: no page skips more than half of the rows.
+        """
+        offset = (page - 1) * size
+        if offset <= total // 2:
+            return self.rows().offset(offset).limit(size + 1), False
+        following = total - offset - size  # books after this page
+        if following > 0:
+            return self.rows(backwards=True).offset(following - 1).limit(size + 1), True
+        return self.rows(backwards=True).limit(max(size + following, 0)), True
 
     def after(self, cursor: str) -> ColumnElement[bool]:
         """Rows strictly after the position `cursor` marks, in this query's order."""

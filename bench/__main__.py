@@ -1,20 +1,24 @@
 """Benchmarks of the books service, driven by wrk against a real uvicorn process.
 
-    uv run python -m bench cache            # PostgreSQL, cache off vs on, as ratios
-    uv run python -m bench cache --smoke    # a few seconds: checks the script still works
+    uv run python -m bench speed     # every workload, SQLite and PostgreSQL, vs the bare reference
+    uv run python -m bench cache     # PostgreSQL, cache off vs on
+    uv run python -m bench scale     # list and get latencies at 10k, 100k and 1M books
+    uv run python -m bench speed --smoke   # seconds: checks the script still works
 
 Needs `wrk` (`apt-get install wrk`), the PostgreSQL of BENCH_DATABASE_URL and, for
-the cache, the Redis of BENCH_REDIS_URL. Each run seeds a database of its own and
-drops it at the end. The server (1 uvicorn worker, uvloop, httptools, no access
-log) and wrk are pinned to different cores; the arms of a comparison are
-interleaved, round by round, so that machine drift hits them alike, and each
-figure is the median of the rounds.
+the cache, the Redis of BENCH_REDIS_URL. Each run works in a database of its own
+(dropped at the end) or a temporary SQLite file. The server (1 uvicorn worker,
+uvloop, httptools, no access log) and wrk are pinned to different cores; the
+arms of a comparison are interleaved round by round, each starting from the
+same freshly seeded table, so that machine drift hits them alike; each figure
+is the median of the rounds.
 """
 
 import argparse
 import asyncio
 import os
 import re
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -39,11 +43,29 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/2")
 SERVER_CPU, LOAD_CPU = "0", "1"
 PORT = 5099
 AUTHORS = [f"Author {number}" for number in range(500)]
-# wrk's Lua: each workload is one request generator over the seeded ids and pages.
+COLUMNS = ["title", "author", "year", "isbn", "created_at", "updated_at", "version"]
+JSON = '{{["Content-Type"] = "application/json"}}'  # braces doubled for str.format
+# wrk's Lua, one request generator per workload; {books} is the seeded count and
+# {first_spare} the first id of the rows seeded for `delete` to remove, one each.
 WORKLOADS = {
     "get_one": 'return wrk.format("GET", "/books/" .. math.random(1, {books}))',
     # The first 50 pages: the hot set a catalogue's readers mostly browse.
     "list_page": 'return wrk.format("GET", "/books?size=20&page=" .. math.random(1, 50))',
+    "update": (
+        'return wrk.format("PATCH", "/books/" .. math.random(1, {books}), '
+        + JSON
+        + ", '{{\"title\": \"Title ' .. math.random(1, 1000000) .. '\"}}')"
+    ),
+    "create": (
+        'return wrk.format("POST", "/books", '
+        + JSON
+        + ', \'{{"title": "New", "author": "Someone", "year": 2000}}\')'
+    ),
+    "delete": 'spare = spare + 1\n  return wrk.format("DELETE", "/books/" .. spare)',
+}
+SERVERS = {
+    "app": "app:api",
+    "reference": "bench.reference:app",
 }
 
 
@@ -57,75 +79,135 @@ class Result:
     socket_errors: int
 
 
+# --- Databases ---------------------------------------------------------------
+
+
 def isbn13(number: int) -> str:
     digits = f"978{number:09d}"
     return digits + ean.calc_check_digit(digits)
 
 
-async def seed(url: str, books: int) -> None:
-    """`books` plausible rows, copied straight into the table the app created."""
-    connection = await asyncpg.connect(url)
+def book_rows(start: int, count: int, *, sqlite: bool) -> list[tuple[object, ...]]:
+    """`count` plausible books, numbered from `start` (ISBNs unique across calls)."""
+    now: object = datetime.now(UTC)
+    if sqlite:  # SQLAlchemy's storage format for DateTime on SQLite: naive UTC text
+        now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
+    return [
+        (
+            f"Book {number}",
+            AUTHORS[number % len(AUTHORS)],
+            1800 + number % 226,
+            isbn13(number),
+            now,
+            now,
+            1,
+        )
+        for number in range(start, start + count)
+    ]
+
+
+@dataclass
+class Database:
+    """Where a benchmark runs: a SQLAlchemy URL (for the app) and a raw DSN or file."""
+
+    url: str
+    raw: str
+
+    @property
+    def sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    def reset(self, books: int) -> None:
+        """Empty the table, restart its ids, and seed `books` rows."""
+        if self.sqlite:
+            with sqlite3.connect(self.raw) as connection:
+                connection.execute("DELETE FROM books")
+                connection.execute("DELETE FROM sqlite_sequence WHERE name = 'books'")
+            self.add(0, books)
+        else:
+            asyncio.run(execute(self.raw, "TRUNCATE books RESTART IDENTITY"))
+            self.add(0, books)
+
+    def add(self, start: int, count: int) -> int:
+        """Append `count` rows; returns the id before the first of them."""
+        rows = book_rows(start, count, sqlite=self.sqlite)
+        if self.sqlite:
+            with sqlite3.connect(self.raw) as connection:
+                last = connection.execute("SELECT coalesce(max(id), 0) FROM books").fetchone()[0]
+                placeholders = ", ".join("?" * len(COLUMNS))
+                connection.executemany(
+                    f"INSERT INTO books ({', '.join(COLUMNS)}) VALUES ({placeholders})", rows
+                )
+            return int(last)
+        return asyncio.run(self._copy(rows))
+
+    async def _copy(self, rows: list[tuple[object, ...]]) -> int:
+        connection = await asyncpg.connect(self.raw)
+        try:
+            last = await connection.fetchval("SELECT coalesce(max(id), 0) FROM books")
+            await connection.copy_records_to_table("books", records=rows, columns=COLUMNS)
+            await connection.execute("ANALYZE books")
+            return int(last)
+        finally:
+            await connection.close()
+
+
+async def execute(dsn: str, sql: str) -> None:
+    connection = await asyncpg.connect(dsn)
     try:
-        now = datetime.now(UTC)
-        rows = [
-            (
-                f"Book {number}",
-                AUTHORS[number % len(AUTHORS)],
-                1800 + number % 226,
-                isbn13(number),
-                now,
-                now,
-                1,
-            )
-            for number in range(books)
-        ]
-        columns = ["title", "author", "year", "isbn", "created_at", "updated_at", "version"]
-        await connection.copy_records_to_table("books", records=rows, columns=columns)
-        await connection.execute("ANALYZE books")
+        await connection.execute(sql)
     finally:
         await connection.close()
 
 
 @contextmanager
-def database() -> Iterator[str]:
-    """A database of this run's own on the benchmark server; its SQLAlchemy URL."""
+def database(kind: str) -> Iterator[Database]:
+    """A database of this run's own, its schema created by the app (as on first start)."""
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as directory:
+            path = f"{directory}/books.db"
+            created = Database(f"sqlite+aiosqlite:///{path}", path)
+            with server("app", {"DATABASE_URL": created.url}):
+                pass
+            yield created
+        return
     name = f"books_bench_{uuid.uuid4().hex[:8]}"
     admin = make_url(DATABASE_URL).set(drivername="postgresql")
     admin_dsn = admin.render_as_string(hide_password=False)
-
-    async def run(sql: str) -> None:
-        connection = await asyncpg.connect(admin_dsn)
-        try:
-            await connection.execute(sql)
-        finally:
-            await connection.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    dsn = admin.set(database=name).render_as_string(hide_password=False)
+    created = Database(dsn, dsn)
+    asyncio.run(execute(admin_dsn, f'CREATE DATABASE "{name}"'))
     try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
+        with server("app", {"DATABASE_URL": dsn}):
+            pass
+        yield created
     finally:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(execute(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# --- Servers and load --------------------------------------------------------
 
 
 @contextmanager
-def server(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """The service under uvicorn, pinned to SERVER_CPU, healthy before it is used."""
+def server(name: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`SERVERS[name]` under uvicorn, pinned to SERVER_CPU, healthy before it is used."""
     command = [
-        "taskset", "-c", SERVER_CPU, sys.executable, "-m", "uvicorn", "app:api",
+        "taskset", "-c", SERVER_CPU, sys.executable, "-m", "uvicorn", SERVERS[name],
         "--port", str(PORT), "--workers", "1", "--loop", "uvloop", "--http", "httptools",
         "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
+    probe = "/health" if name == "app" else "/books/1"
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "REDIS_URL": "", **env})
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{PORT}/health", timeout=1).status_code == 200:
-                    break
+                httpx.get(f"http://127.0.0.1:{PORT}{probe}", timeout=1)
+                break
             except httpx.TransportError:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start")
+                raise SystemExit(f"the {name} server did not start")
             time.sleep(0.1)
         yield process
     finally:
@@ -142,7 +224,7 @@ def cpu_seconds(pid: int) -> float:
 def wrk(process: subprocess.Popen[bytes], script: str, seconds: int, connections: int) -> Result:
     """Drive the server with wrk, pinned to LOAD_CPU, and read its figures."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
-        lua.write(f"request = function()\n  {script}\nend\n")
+        lua.write(script)
         lua.flush()
         command = [
             "taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
@@ -152,6 +234,11 @@ def wrk(process: subprocess.Popen[bytes], script: str, seconds: int, connections
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         cpu = cpu_seconds(process.pid) - cpu_before
     return parse_wrk(output, cpu)
+
+
+def lua(workload: str, books: int, first_spare: int = 0) -> str:
+    body = WORKLOADS[workload].format(books=books)
+    return f"spare = {first_spare}\nrequest = function()\n  {body}\nend\n"
 
 
 def parse_wrk(output: str, cpu_seconds: float) -> Result:
@@ -193,12 +280,36 @@ def median(results: list[Result]) -> Result:
     )
 
 
-def report(title: str, results: dict[tuple[str, str], Result], reference: str) -> None:
+def run_workloads(
+    name: str, env: dict[str, str], db: Database, workloads: list[str], args: argparse.Namespace
+) -> dict[str, Result]:
+    """One arm of one round: a freshly seeded table, the server, each workload in turn."""
+    db.reset(args.books)
+    results = {}
+    with server(name, {"DATABASE_URL": db.url, "REFERENCE_DATABASE": db.raw, **env}) as process:
+        for workload in workloads:
+            first_spare = 0
+            if workload == "delete":  # rows enough for every request to delete one
+                first_spare = db.add(args.books, args.spare_per_second * args.seconds)
+            script = lua(workload, args.books, first_spare)
+            if args.warmup and workload != "delete":
+                wrk(process, script, args.warmup, args.connections)
+            results[workload] = wrk(process, script, args.seconds, args.connections)
+    return results
+
+
+# --- Reports -----------------------------------------------------------------
+
+
+def report(
+    title: str, results: dict[tuple[str, str], Result], reference: str
+) -> dict[tuple[str, str], float]:
     """One line per workload and arm, then each arm's throughput as a ratio to `reference`.
 
     Exits non-zero if any run saw a non-2xx response or a socket error.
     """
     failed: list[str] = []
+    ratios = {}
     print(f"\n{title}")
     print(f"{'workload':<10} {'arm':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'CPU us/req':>10} {'non-2xx':>8} {'sock err':>8}")  # fmt: skip
@@ -208,64 +319,136 @@ def report(title: str, results: dict[tuple[str, str], Result], reference: str) -
             f"{result.p99_ms:>8.2f} {result.cpu_us_per_request:>10.0f} {result.non_2xx:>8} "
             f"{result.socket_errors:>8}"
         )
-    for (workload, arm), result in results.items():
         if result.non_2xx or result.socket_errors:
             failed.append(f"{workload} ({arm})")
+    for (workload, arm), result in results.items():
         if arm != reference:
             base = results[(workload, reference)].requests_per_second
-            print(f"{workload}: {arm} / {reference} = {result.requests_per_second / base:.2f}x")
+            ratios[(workload, arm)] = result.requests_per_second / base
+            print(f"{workload}: {arm} / {reference} = {ratios[(workload, arm)]:.2f}x")
     if failed:
         raise SystemExit(f"errors (non-2xx or socket) in: {', '.join(failed)}")
+    return ratios
+
+
+# Issue 4's targets: each workload's throughput as a ratio to the bare reference.
+TARGETS = {
+    "sqlite": {"get_one": 0.5, "list_page": 0.5, "create": 0.35, "update": 0.35},
+    "postgresql": {"get_one": 0.6, "list_page": 0.6, "create": 0.4, "update": 0.4},
+}
+
+
+def speed_benchmark(args: argparse.Namespace) -> None:
+    """Every workload on each database, the app against the bare reference, interleaved."""
+    for kind in args.databases:
+        runs: dict[tuple[str, str], list[Result]] = {}
+        with database(kind) as db:
+            for _ in range(args.rounds):
+                for name in SERVERS:
+                    for workload, result in run_workloads(
+                        name, {}, db, args.workloads, args
+                    ).items():
+                        runs.setdefault((workload, name), []).append(result)
+        ratios = report(
+            f"{kind}: {args.books} books, {args.connections} connections, "
+            f"{args.seconds} s x {args.rounds} rounds (medians)",
+            {key: median(results) for key, results in sorted(runs.items())},
+            reference="reference",
+        )
+        for workload, target in TARGETS[kind].items():
+            if (workload, "app") in ratios:
+                verdict = "meets" if ratios[(workload, "app")] >= target else "MISSES"
+                print(f"  {workload}: {ratios[(workload, 'app')]:.2f}x {verdict} target {target}x")
 
 
 def cache_benchmark(args: argparse.Namespace) -> None:
     """GET /books/{id} and GET /books on PostgreSQL, the cache off and on, interleaved."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
-    with database() as url:
-        arms = {
-            "cache off": {"DATABASE_URL": url, "REDIS_URL": ""},
-            "cache on": {"DATABASE_URL": url, "REDIS_URL": REDIS_URL, "CACHE_PREFIX": prefix},
-        }
-        with server(arms["cache off"]):  # creates the schema
-            asyncio.run(seed(url, args.books))
-        runs: dict[tuple[str, str], list[Result]] = {}
+    arms = {
+        "cache off": {},
+        "cache on": {"REDIS_URL": REDIS_URL, "CACHE_PREFIX": prefix},
+    }
+    runs: dict[tuple[str, str], list[Result]] = {}
+    with database("postgresql") as db:
         for _ in range(args.rounds):
             for arm, env in arms.items():
-                with server(env) as process:
-                    for workload, script in WORKLOADS.items():
-                        lua = script.format(books=args.books)
-                        wrk(process, lua, args.warmup, args.connections)
-                        result = wrk(process, lua, args.seconds, args.connections)
-                        runs.setdefault((workload, arm), []).append(result)
-    _forget(prefix)
+                results = run_workloads("app", env, db, ["get_one", "list_page"], args)
+                for workload, result in results.items():
+                    runs.setdefault((workload, arm), []).append(result)
+    with redis.Redis.from_url(REDIS_URL) as client:  # this run's keys
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
     report(
         f"PostgreSQL, {args.books} books, {args.connections} connections, "
-        f"{args.seconds:g} s x {args.rounds} rounds (medians)",
+        f"{args.seconds} s x {args.rounds} rounds (medians)",
         {key: median(results) for key, results in sorted(runs.items())},
         reference="cache off",
     )
 
 
-def _forget(prefix: str) -> None:
-    """Delete this run's cache keys."""
-    with redis.Redis.from_url(REDIS_URL) as client:
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.delete(key)
+# Listing requests whose cost could grow with the table; {last} is the last page's number.
+SCALE_REQUESTS = {
+    "first page": "/books?size=20",
+    "near the end": "/books?size=20&page={last}",
+    "?author=": "/books?author=Author%207",
+    "?year=": "/books?year=1900",
+    "?q=": "/books?q=Book%209876",
+}
+SCALE_TARGET_MS = 20
+
+
+def scale_benchmark(args: argparse.Namespace) -> None:
+    """p50 latency of listings and of GET /books/{id} as the table grows (4 clients)."""
+    sizes = [1_000, 2_000] if args.smoke else [10_000, 100_000, 1_000_000]
+    table: dict[str, list[float]] = {}
+    with database("postgresql") as db:
+        db.reset(0)
+        loaded = 0
+        for size in sizes:
+            started = time.monotonic()
+            db.add(loaded, size - loaded)
+            print(f"loaded {size} books in {time.monotonic() - started:.1f} s", flush=True)
+            loaded = size
+            requests = {
+                name: f'return wrk.format("GET", "{path.format(last=size // 20 - 1)}")'
+                for name, path in SCALE_REQUESTS.items()
+            }
+            requests["GET /books/{id}"] = WORKLOADS["get_one"].format(books=size)
+            with server("app", {"DATABASE_URL": db.url}) as process:
+                for name, body in requests.items():
+                    script = f"request = function()\n  {body}\nend\n"
+                    wrk(process, script, 1, 4)  # warm the caches and plans
+                    result = wrk(process, script, args.seconds, 4)
+                    if result.non_2xx or result.socket_errors:
+                        raise SystemExit(f"errors in {name} at {size} books")
+                    table.setdefault(name, []).append(result.p50_ms)
+    print(f"\np50 latency (ms), 4 concurrent clients, PostgreSQL; {args.seconds} s per figure")
+    print(f"{'request':<16}" + "".join(f"{size:>11,}" for size in sizes) + "   largest/smallest")
+    for name, latencies in table.items():
+        ratio = latencies[-1] / latencies[0]
+        verdict = "ok" if latencies[-1] <= SCALE_TARGET_MS and ratio <= 2 else "MISSES"
+        figures = "".join(f"{latency:>11.2f}" for latency in latencies)
+        print(f"{name:<16}{figures}   {ratio:>6.2f}x  {verdict}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["cache"])
+    parser.add_argument("mode", choices=["speed", "cache", "scale"])
     parser.add_argument("--books", type=int, default=10_000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--smoke", action="store_true", help="1 s runs, 1 round: the script works")
     args = parser.parse_args()
+    # Rows seeded for `delete`: more than the fastest server deletes in a second.
+    args.spare_per_second = 20_000
     if args.smoke:
-        args.books, args.seconds, args.warmup, args.rounds = 1000, 1, 1, 1
-    cache_benchmark(args)
+        args.books, args.seconds, args.warmup, args.rounds = 1000, 1, 0, 1
+    modes = {"speed": speed_benchmark, "cache": cache_benchmark, "scale": scale_benchmark}
+    modes[args.mode](args)
 
 
 if __name__ == "__main__":

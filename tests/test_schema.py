@@ -6,6 +6,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
 from responder.testing import AsyncTestClient
 from sqlalchemy import text
 
@@ -16,7 +18,7 @@ from settings import Settings
 from tests.conftest import BOOK
 from tests.servers import ROOT, free_port, run, start, wait_until_healthy
 
-HEAD = "5d5c317c8dbf"
+HEAD = ScriptDirectory.from_config(Config(database.ALEMBIC_INI)).get_current_head()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
