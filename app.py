@@ -258,15 +258,9 @@ async def read_page(
     `total` is the count when the cache already knows it.
     """
     async with reading(req) as session:
-        if total is None:
-            total = await session.scalar(query.count()) or 0
-        if after is None:
-            rows, backwards = query.numbered_page(page or 1, size, total)
-        else:
-            rows, backwards = query.rows().where(after).limit(size + 1), False
-        books = list(await session.scalars(rows))
-    if backwards:
-        books.reverse()
+        books, total = await query.read(
+            session, page=page or 1, size=size, after=after, total=total
+        )
     next_cursor = query.cursor_after(books[size - 1]) if len(books) > size else None
     result = paginate(books[:size], page=page or 1, size=size, total=total)
     return BookPage(**dict(result) | {"page": page}, next_cursor=next_cursor)

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from responder import Problem
 from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from models import Book, BookCount
 
@@ -68,6 +69,44 @@ class BookQuery:
             for field, desc in self.order
         ]
         return select(Book).where(*self.where()).order_by(*ordering)
+
+    async def read(
+        self,
+        session: AsyncSession,
+        *,
+        page: int,
+        size: int,
+        after: ColumnElement[bool] | None,
+        total: int | None,
+    ) -> tuple[list[Book], int]:
+        """A page's books, plus the one after it (to tell whether more follow), and the total.
+
+        `after` is a decoded cursor; `total` the count when the cache knows it.
+        - By cursor: the rows after it, in this query's order.
+        - Searched (`q`), by number: one statement, with the count of all matches
+          beside each row (`count(*) OVER ()`). The search runs once, and the
+          planner reads the matches through the trigram indexes instead of walking
+          the table in `id` order hoping to meet a rare match soon.
+        - Otherwise, by number: the count (maintained, or from the filter's index)
+          and `numbered_page`.
+        """
+        if after is not None:
+            if total is None:
+                total = await session.scalar(self.count()) or 0
+            return list(await session.scalars(self.rows().where(after).limit(size + 1))), total
+        if self.q:
+            counted = self.rows().add_columns(func.count().over())
+            result = (
+                await session.execute(counted.offset((page - 1) * size).limit(size + 1))
+            ).all()
+            if not result:  # past the last page: count the matches on their own
+                return [], await session.scalar(self.count()) or 0
+            return [book for book, _ in result], result[0][1]
+        if total is None:
+            total = await session.scalar(self.count()) or 0
+        rows, backwards = self.numbered_page(page, size, total)
+        books = list(await session.scalars(rows))
+        return books[::-1] if backwards else books, total
 
     def numbered_page(self, page: int, size: int, total: int) -> tuple[Select[Book], bool]:
         """Page `page`'s books plus the one after it, and whether they come in reverse.

@@ -1,12 +1,15 @@
 """GET /books: pages, sorting, filters, headers, and walking by cursor."""
 
+import asyncio
 import random
 import re
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from responder.testing import AsyncTestClient
+from sqlalchemy import text
 
+from app import api
 from tests.test_books import assert_problem
 
 SORTS = ["id", "-id", "title", "-title", "author,-year", "-year,title", "created_at", "-updated_at"]
@@ -215,3 +218,52 @@ async def test_cursor_with_another_sort_or_filter_is_400(client: AsyncTestClient
     ]
     for other in others:
         assert_problem(await client.get("/books", params={**other, "cursor": cursor}), 400)
+
+
+@pytest.mark.parametrize("sort", ["id", "-year,title"])
+@pytest.mark.parametrize("by", ["year", "q"])
+async def test_filtered_pages_count_every_match_even_past_the_end(
+    client: AsyncTestClient, sort, by
+):
+    books = await create_books(client, 23)
+    if by == "year":
+        search: dict[str, object] = {"year": 1990}
+        matching = [book["id"] for book in books if book["year"] == 1990]
+    else:
+        search = {"q": "LPH"}
+        matching = [book["id"] for book in books if "lph" in book["title"].lower()]
+    assert len(matching) > 3  # several pages of 3
+    seen = []
+    for page in range(1, 10):
+        params = {**search, "size": 3, "page": page, "sort": sort}
+        response = await client.get("/books", params=params)
+        body = response.json()
+        assert body["total"] == len(matching) == int(response.headers["X-Total-Count"])
+        seen += [book["id"] for book in body["items"]]
+    assert sorted(seen) == matching and len(seen) == len(set(seen))
+    past = await client.get("/books", params={**search, "size": 3, "page": 40, "sort": sort})
+    assert past.json()["items"] == [] and past.json()["total"] == len(matching)
+
+
+async def test_the_total_stays_exact_under_concurrent_creates_and_deletes(
+    client: AsyncTestClient,
+):
+    """The unfiltered total comes from a count the database's triggers keep, not COUNT(*)."""
+    books = await create_books(client, 20)
+
+    async def create(index: int) -> int:
+        response = await client.post(
+            "/books", json={"title": f"t{index}", "author": "a", "year": 1}
+        )
+        return response.status_code
+
+    deletes = [client.delete(f"/books/{book['id']}") for book in books[:12]]
+    deleted, created = await asyncio.gather(
+        asyncio.gather(*deletes), asyncio.gather(*(create(index) for index in range(15)))
+    )
+    assert [response.status_code for response in deleted] == [204] * 12
+    assert created == [201] * 15
+    async with api.state.engine.connect() as connection:
+        counted = await connection.scalar(text("SELECT count(*) FROM books"))
+    assert counted == 20 - 12 + 15
+    assert (await client.get("/books")).json()["total"] == counted

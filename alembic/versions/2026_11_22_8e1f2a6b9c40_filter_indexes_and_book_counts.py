@@ -58,8 +58,9 @@ SQLITE_TRIGGERS = [
 
 def upgrade() -> None:
     postgresql = op.get_bind().dialect.name == "postgresql"
-    op.create_index(op.f("ix_books_year"), "books", ["year"])
-    op.create_index("ix_books_author_lower", "books", [sa.text("lower(author)")])
+    # Filter, then `id` (the default order): a page of matches is an index range.
+    op.create_index("ix_books_year_id", "books", ["year", "id"])
+    op.create_index("ix_books_author_lower_id", "books", [sa.text("lower(author)"), "id"])
     if postgresql:
         op.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
         for column in ("title", "author"):
@@ -95,5 +96,5 @@ def downgrade() -> None:
     if postgresql:
         op.drop_index("ix_books_author_trgm", table_name="books")
         op.drop_index("ix_books_title_trgm", table_name="books")
-    op.drop_index("ix_books_author_lower", table_name="books")
-    op.drop_index(op.f("ix_books_year"), table_name="books")
+    op.drop_index("ix_books_author_lower_id", table_name="books")
+    op.drop_index("ix_books_year_id", table_name="books")
