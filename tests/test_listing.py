@@ -227,7 +227,7 @@ async def test_filtered_pages_count_every_match_even_past_the_end(
 ):
     books = await create_books(client, 23)
     if by == "year":
-        search: dict[str, object] = {"year": 1990}
+        search: dict[str, int | str] = {"year": 1990}
         matching = [book["id"] for book in books if book["year"] == 1990]
     else:
         search = {"q": "LPH"}
