@@ -190,6 +190,17 @@ async def test_health_and_metrics_report_the_cache(cached: AsyncTestClient):
     assert set(await counters(cached)) == {"hits", "misses", "errors"}
 
 
+async def test_the_service_starts_and_serves_while_redis_is_unreachable(tmp_path: Path):
+    api.state.settings = sqlite_settings(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
+    async with AsyncTestClient(api, base_url="http://testserver") as client:
+        created = await client.post("/books", json=BOOK)
+        assert created.status_code == 201
+        assert (await client.get(f"/books/{created.json()['id']}")).status_code == 200
+        health = await client.get("/health")
+        assert health.status_code == 200
+        assert health.json()["checks"]["cache"]["status"] == "error"
+
+
 async def timed_get(client: AsyncTestClient, url: str) -> tuple[httpx.Response, float]:
     started = time.monotonic()
     response = await client.get(url)
