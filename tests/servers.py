@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,24 +32,38 @@ def run(args: list[str], env: dict[str, str], cwd: Path = ROOT, timeout: float =
     )
 
 
-def start(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, *args],
-        cwd=cwd,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+class Server(subprocess.Popen[str]):
+    """A process of the project whose output goes to a file, read with `output()`.
+
+    (A pipe that nobody reads while the server runs fills up with access-log
+    lines, and then the server blocks on its next write.)
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the process)
+        super().__init__(
+            [sys.executable, *args],
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
 
-def wait_until_healthy(port: int, process: subprocess.Popen[str], timeout: float = 30) -> None:
+def start(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> Server:
+    return Server(args, env, cwd)
+
+
+def wait_until_healthy(port: int, process: Server, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(
-                f"server exited early:\n{process.stdout.read() if process.stdout else ''}"
-            )
+            raise AssertionError(f"server exited early:\n{process.output()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return

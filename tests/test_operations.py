@@ -48,6 +48,11 @@ async def test_metrics_count_requests_by_route_pool_and_cache(
 async def test_docs_page_and_openapi_document(client: AsyncTestClient):
     docs = await client.get("/docs")
     assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+    assert "://" not in docs.text  # every asset is served here: the page works offline
+    assets = re.findall(r'(?:src|href)="(/docs/assets/[^"]+)"', docs.text)
+    assert len(assets) == 4
+    for asset in assets:
+        assert (await client.get(asset)).status_code == 200, asset
     document = yaml.safe_load((await client.get("/schema.yml")).text)
     as_json = (await client.get("/schema.yml", headers={"Accept": "application/json"})).json()
     assert as_json["paths"].keys() == document["paths"].keys()
@@ -205,7 +210,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits(tmp_path: Path):
 
     started = time.monotonic()
     results = asyncio.run(traffic())
-    output, _ = process.communicate(timeout=10)
+    process.wait(timeout=10)
+    output = process.output()
     assert time.monotonic() - started < 10
     # uvicorn shuts down gracefully, then re-raises the signal it caught
     assert process.returncode in (0, -signal.SIGTERM)

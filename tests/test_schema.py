@@ -150,7 +150,8 @@ def test_app_process_refuses_an_outdated_database_with_a_message(tmp_path: Path)
     with sqlite3.connect(tmp_path / "books.db") as db:
         db.execute("UPDATE alembic_version SET version_num = 'feedfacecafe'")
     process = start(["app.py"], env={"DATABASE_URL": url, "PORT": str(free_port())})
-    output, _ = process.communicate(timeout=30)
+    process.wait(timeout=30)
+    output = process.output()
     assert process.returncode != 0
     assert "newer than the code" in output
 
@@ -177,6 +178,7 @@ def test_several_uvicorn_workers_start_at_once_on_an_empty_database(
         assert created.status_code == 201
     finally:
         process.terminate()
-        output, _ = process.communicate(timeout=20)
+        process.wait(timeout=20)
+    output = process.output()
     assert output.count("Application startup complete.") == 3, output
     assert "Traceback" not in output and "startup failed" not in output
