@@ -146,13 +146,14 @@ class BookQuery:
 
     def total_key(self) -> str:
         """The cache key of the count, shared by every sort order and page of these filters."""
-        key = orjson.dumps([self.author, self.year, self.q or None])
-        return f"total:{hashlib.sha256(key).hexdigest()[:16]}"
+        return f"total:{_digest(self._filters())}"
 
     def _fingerprint(self) -> str:
         """Ties a cursor to the sort and filters it was made under."""
-        key = orjson.dumps([self.order, self.author, self.year, self.q or None])
-        return hashlib.sha256(key).hexdigest()[:16]
+        return _digest([self.order, *self._filters()])
+
+    def _filters(self) -> list[Any]:
+        return [self.author, self.year, self.q or None]
 
     def _decode(self, cursor: str) -> list[Any]:
         try:
@@ -171,6 +172,11 @@ class BookQuery:
                 "send it back with the same sort and filters.",
                 title="Invalid Cursor",
             ) from None
+
+
+def _digest(value: Any) -> str:
+    """A short, stable hash of a JSON-able value."""
+    return hashlib.sha256(orjson.dumps(value)).hexdigest()[:16]
 
 
 def _json_value(value: Any) -> Any:

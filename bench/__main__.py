@@ -137,10 +137,9 @@ class Database:
             with sqlite3.connect(self.raw) as connection:
                 connection.execute("DELETE FROM books")
                 connection.execute("DELETE FROM sqlite_sequence WHERE name = 'books'")
-            self.add(0, books)
         else:
             asyncio.run(execute(self.raw, "TRUNCATE books RESTART IDENTITY"))
-            self.add(0, books)
+        self.add(0, books)
 
     def add(self, start: int, count: int) -> int:
         """Append `count` rows; returns the id before the first of them."""
