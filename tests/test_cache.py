@@ -19,7 +19,16 @@ from responder.testing import AsyncTestClient
 from sqlalchemy import text
 
 from app import api
-from cache import BOOKS_GENERATION, BookCache, Entry, book_generation, book_key, open_cache
+from cache import (
+    BOOKS_GENERATION,
+    CALL_TIMEOUT,
+    FAILURES_BEFORE_BYPASS,
+    BookCache,
+    Entry,
+    book_generation,
+    book_key,
+    open_cache,
+)
 from settings import Settings
 from tests.conftest import BOOK, TEST_REDIS_URL
 from tests.servers import ROOT, RedisServer, free_port, start, wait_until_healthy
@@ -190,6 +199,25 @@ async def test_health_and_metrics_report_the_cache(cached: AsyncTestClient):
     assert set(await counters(cached)) == {"hits", "misses", "errors"}
 
 
+async def test_after_a_lost_invalidation_staleness_ends_within_the_ttl(
+    tmp_path: Path, cache_prefix: str
+):
+    api.state.settings = sqlite_settings(tmp_path, TEST_REDIS_URL, cache_prefix).model_copy(
+        update={"cache_ttl_seconds": 1}
+    )
+    async with AsyncTestClient(api, base_url="http://testserver") as client:
+        book = (await client.post("/books", json=BOOK)).json()
+        url = f"/books/{book['id']}"
+        await client.get(url)
+        # A change whose invalidation never reached Redis, as after a fault.
+        await change_behind_the_api("UPDATE books SET title = 'changed', version = version + 1")
+        assert (await client.get(url)).json()["title"] == "Dune"  # stale, from the cache
+        await asyncio.sleep(1.2)
+        fresh = await client.get(url)
+        assert fresh.json()["title"] == "changed"
+        assert fresh.headers["ETag"] == f'"{book["id"]}-2"'
+
+
 async def test_the_service_starts_and_serves_while_redis_is_unreachable(tmp_path: Path):
     api.state.settings = sqlite_settings(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
     async with AsyncTestClient(api, base_url="http://testserver") as client:
@@ -261,9 +289,14 @@ async def test_a_slow_redis_adds_no_more_than_its_timeout_and_misses_no_invalida
 
         await admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # Redis stops answering
         paused_at = time.monotonic()
+        timings = []
         for _ in range(5):
             response, elapsed = await timed_get(client, url)
-            assert response.status_code == 200 and elapsed < 0.5
+            assert response.status_code == 200
+            timings.append(elapsed)
+        assert max(timings) < 0.25  # the contract: an unresponsive Redis adds at most 250 ms
+        # Only the calls before the bypass opens pay the timeout.
+        assert sum(elapsed >= CALL_TIMEOUT for elapsed in timings) <= FAILURES_BEFORE_BYPASS
         changed = await client.patch(url, json={"title": "Dune Messiah"})
         assert changed.status_code == 200  # its invalidation could not be delivered
         assert (await client.get(url)).json()["title"] == "Dune Messiah"
