@@ -3,9 +3,11 @@
 Run it with `uv run app.py`, or any ASGI server: `uv run uvicorn app:api --workers 4`.
 """
 
+import argparse
 import asyncio
 import importlib.resources
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -23,12 +25,13 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
+import bulk
 from cache import BOOKS_GENERATION, BookCache, Entry, book_generation, book_key, open_cache
 from database import open_database, pool_metrics, write_transaction
 from listing import SORT_PATTERN, SORTABLE, BookQuery
 from models import Book, utc_now
 from schemas import BookIn, BookOut, BookPage, BookPatch
-from settings import load_settings
+from settings import Settings, load_settings
 
 # Swagger UI's files, from the swagger-ui-py package: /docs needs no CDN.
 SWAGGER_UI_ASSETS = importlib.resources.files("swagger_ui") / "static"
@@ -419,6 +422,41 @@ class ServiceMetrics:
 api.metrics = ServiceMetrics(api.metrics)  # type: ignore[assignment]
 
 
-if __name__ == "__main__":
-    settings = api.state.settings
+def main() -> int:
+    """`uv run app.py` serves the API; `import FILE` and `seed N` load books (see bulk.py)."""
+    parser = argparse.ArgumentParser(prog="app.py", description="The books service.")
+    commands = parser.add_subparsers(dest="command", title="commands (none: serve the API)")
+    loading = commands.add_parser(
+        "import",
+        help="load books from a CSV or JSON Lines file",
+        description="Load books from a CSV (with a header line) or JSON Lines file, "
+        "validated as the API validates them; rejected lines are reported and skipped.",
+    )
+    loading.add_argument("file", type=Path)
+    loading.add_argument("--format", choices=["csv", "jsonl"], help="default: by file suffix")
+    loading.add_argument(
+        "--all-or-nothing",
+        action="store_true",
+        help="one transaction: store nothing if any line is rejected (default: commit batches)",
+    )
+    loading.add_argument("--batch-size", type=int, default=bulk.BATCH_SIZE, metavar="N")
+    seeding = commands.add_parser("seed", help="create N plausible books to try the API with")
+    seeding.add_argument("count", type=int, metavar="N")
+    args = parser.parse_args()
+    settings: Settings = api.state.settings
+    if args.command == "import":
+        return bulk.import_file(
+            settings,
+            args.file,
+            fmt=args.format,
+            all_or_nothing=args.all_or_nothing,
+            batch_size=args.batch_size,
+        )
+    if args.command == "seed":
+        return bulk.seed(settings, args.count)
     uvicorn.run(api, host=settings.host, port=settings.port, timeout_graceful_shutdown=8)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -142,6 +142,11 @@ class BookCache:
             for generation in generations:
                 self._undelivered[generation] = next(self._marks)
 
+    @property
+    def owes_invalidations(self) -> bool:
+        """Whether an invalidation is still undelivered (other instances may serve old entries)."""
+        return bool(self._undelivered)
+
     async def deliver(self) -> None:
         """Retry the invalidations that failed (run by one background task only)."""
         undelivered = dict(self._undelivered)

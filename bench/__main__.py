@@ -35,28 +35,14 @@ import asyncpg
 import httpx
 import redis
 from sqlalchemy.engine import make_url
-from stdnum import ean
+
+from bulk import plausible_book
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/2")
 SERVER_CPU, LOAD_CPU = "0", "1"
 PORT = 5099
-# Plausible names and titles, so that searches meet the mix of common and rare
-# words (and trigrams) a real catalogue has: 500 authors, 1,600 titles.
-FIRST_NAMES = """Ada Alan Anna Boris Clara Dmitri Edith Farah Grace Hugo Ines Jonas Kemal Lena
-    Mateo Nadia Omar Priya Quentin Rosa Sami Tomas Ursula Vera Yusuf""".split()
-LAST_NAMES = """Okafor Lindqvist Moreau Tanaka Haddad Novak Brennan Castillo Ivanova Mensah
-    Kowalski Duarte Nakamura Fischer Osei Petrov Quigley Rahman Sato Varga""".split()
-AUTHORS = [f"{first} {last}" for last in LAST_NAMES for first in FIRST_NAMES]
-ADJECTIVES = """Silent Hidden Burning Frozen Golden Hollow Last Lost Midnight Painted Quiet
-    Restless Scarlet Shattered Silver Sleeping Stolen Sunken Wandering Whispering Wild
-    Winter Broken Crimson Distant Drowned Endless Fallen Forgotten Gentle Glass Iron
-    Lonely Northern Paper Secret Seventh Shadowed Velvet Wicked""".split()
-NOUNS = """River Garden Kingdom Orchard Lighthouse Library Harbor Forest Mirror Empire
-    Archive Bridge Cathedral Compass Desert Engine Festival Frontier Island Journey
-    Labyrinth Lantern Machine Meadow Mountain Ocean Palace Prophecy Question Railway
-    Sea Signal Sky Storm Summer Tide Tower Valley Voyage Witness""".split()
 COLUMNS = ["title", "author", "year", "isbn", "created_at", "updated_at", "version"]
 JSON = '{{["Content-Type"] = "application/json"}}'  # braces doubled for str.format
 # wrk's Lua, one request generator per workload; {books} is the seeded count and
@@ -96,27 +82,13 @@ class Result:
 # --- Databases ---------------------------------------------------------------
 
 
-def isbn13(number: int) -> str:
-    digits = f"978{number:09d}"
-    return digits + ean.calc_check_digit(digits)
-
-
 def book_rows(start: int, count: int, *, sqlite: bool) -> list[tuple[object, ...]]:
     """`count` plausible books, numbered from `start` (ISBNs unique across calls)."""
     now: object = datetime.now(UTC)
     if sqlite:  # SQLAlchemy's storage format for DateTime on SQLite: naive UTC text
         now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
     return [
-        (
-            f"The {ADJECTIVES[number % 40]} {NOUNS[number // 40 % 40]}",
-            AUTHORS[number % len(AUTHORS)],
-            1800 + number % 226,
-            isbn13(number),
-            now,
-            now,
-            1,
-        )
-        for number in range(start, start + count)
+        (*plausible_book(number).values(), now, now, 1) for number in range(start, start + count)
     ]
 
 
