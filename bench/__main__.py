@@ -3,6 +3,7 @@
     uv run python -m bench speed     # every workload, SQLite and PostgreSQL, vs the bare reference
     uv run python -m bench cache     # PostgreSQL, cache off vs on
     uv run python -m bench scale     # list and get latencies at 10k, 100k and 1M books
+    uv run python -m bench import    # `app.py import` of 1M books vs the database's floor
     uv run python -m bench speed --smoke   # seconds: checks the script still works
 
 Needs `wrk` (`apt-get install wrk`), the PostgreSQL of BENCH_DATABASE_URL and, for
@@ -16,6 +17,7 @@ is the median of the rounds.
 
 import argparse
 import asyncio
+import csv
 import os
 import re
 import sqlite3
@@ -35,6 +37,7 @@ import asyncpg
 import httpx
 import redis
 from sqlalchemy.engine import make_url
+from stdnum import isbn as stdnum_isbn
 
 from bulk import plausible_book
 
@@ -113,6 +116,12 @@ class Database:
             asyncio.run(execute(self.raw, "TRUNCATE books RESTART IDENTITY"))
         self.add(0, books)
 
+    def count(self) -> int:
+        if self.sqlite:
+            with sqlite3.connect(self.raw) as connection:
+                return int(connection.execute("SELECT count(*) FROM books").fetchone()[0])
+        return asyncio.run(fetch(self.raw, "SELECT count(*) FROM books"))
+
     def add(self, start: int, count: int) -> int:
         """Append `count` rows; returns the id before the first of them."""
         rows = book_rows(start, count, sqlite=self.sqlite)
@@ -137,6 +146,14 @@ class Database:
             return int(last)
         finally:
             await connection.close()
+
+
+async def fetch(dsn: str, sql: str) -> int:
+    connection = await asyncpg.connect(dsn)
+    try:
+        return int(await connection.fetchval(sql))
+    finally:
+        await connection.close()
 
 
 async def execute(dsn: str, sql: str) -> None:
@@ -418,9 +435,86 @@ def scale_benchmark(args: argparse.Namespace) -> None:
         print(f"{name:<16}{figures}   {ratio:>6.2f}x  {verdict}")
 
 
+IMPORT_TARGET_SECONDS = 60  # issue 6: a million rows on PostgreSQL
+
+
+def books_csv(path: Path, count: int) -> None:
+    """A CSV of `count` plausible books, their ISBNs written three ways as people do."""
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["title", "author", "year", "isbn"])
+        writer.writeheader()
+        for number in range(count):
+            book = plausible_book(number)
+            if number % 3 == 1:
+                book["isbn"] = stdnum_isbn.format(book["isbn"])  # 978-0-00-000001-9
+            elif number % 3 == 2:
+                book["isbn"] = stdnum_isbn.to_isbn10(book["isbn"])
+            writer.writerow(book)
+
+
+async def reference_load(db: Database, path: Path) -> None:
+    """The database's own floor: the same file, no validation, one COPY and one INSERT."""
+    if db.sqlite:
+        with sqlite3.connect(db.raw) as connection, path.open(newline="") as stream:
+            now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
+            rows = ((*row.values(), now, now, 1) for row in csv.DictReader(stream))
+            connection.executemany(f"INSERT INTO books ({', '.join(COLUMNS)}) "
+                                   "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)  # fmt: skip
+        return
+    connection = await asyncpg.connect(db.raw)
+    try:
+        async with connection.transaction():
+            await connection.execute(
+                "CREATE TEMPORARY TABLE incoming (title text, author text, year int, isbn text)"
+            )
+            await connection.copy_to_table("incoming", source=path, format="csv", header=True)
+            await connection.execute(
+                "INSERT INTO books (title, author, year, isbn, created_at, updated_at, version) "
+                "SELECT title, author, year, replace(isbn, '-', ''), now(), now(), 1 FROM incoming"
+            )
+    finally:
+        await connection.close()
+
+
+def import_benchmark(args: argparse.Namespace) -> None:
+    """`app.py import` of a plausible CSV on each database, against the database's floor."""
+    count = 2_000 if args.smoke else args.import_books
+    rows: list[tuple[str, float, float]] = []
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "books.csv"
+        books_csv(path, count)
+        for kind in args.databases:
+            with database(kind) as db:
+                db.reset(0)
+                started = time.monotonic()
+                asyncio.run(reference_load(db, path))
+                reference = time.monotonic() - started
+                db.reset(0)
+                started = time.monotonic()
+                result = subprocess.run(
+                    [sys.executable, "app.py", "import", str(path)],
+                    cwd=ROOT, env={**os.environ, "DATABASE_URL": db.url},
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                seconds = time.monotonic() - started
+                if result.returncode != 0 or db.count() != count:
+                    raise SystemExit(f"import failed on {kind}:\n{result.stderr[-2000:]}")
+                rows.append((kind, seconds, reference))
+    print(f"\nimporting {count:,} books from CSV (a third each: 13 digits, hyphens, ISBN-10)")
+    print(f"{'database':<12}{'app.py import':>15}{'books/s':>10}{'floor':>9}{'floor/app':>11}")
+    for kind, seconds, reference in rows:
+        verdict = ""
+        if kind == "postgresql" and count >= 1_000_000:
+            met = seconds < IMPORT_TARGET_SECONDS
+            verdict = f"  {'meets' if met else 'MISSES'} < {IMPORT_TARGET_SECONDS} s"
+        print(f"{kind:<12}{seconds:>14.1f}s{count / seconds:>10,.0f}{reference:>8.1f}s"
+              f"{reference / seconds:>10.2f}x{verdict}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["speed", "cache", "scale"])
+    parser.add_argument("mode", choices=["speed", "cache", "scale", "import"])
+    parser.add_argument("--import-books", type=int, default=1_000_000)
     parser.add_argument("--books", type=int, default=10_000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -434,7 +528,12 @@ def main() -> None:
     args.spare_per_second = 20_000
     if args.smoke:
         args.books, args.seconds, args.warmup, args.rounds = 1000, 1, 0, 1
-    modes = {"speed": speed_benchmark, "cache": cache_benchmark, "scale": scale_benchmark}
+    modes = {
+        "speed": speed_benchmark,
+        "cache": cache_benchmark,
+        "scale": scale_benchmark,
+        "import": import_benchmark,
+    }
     modes[args.mode](args)
 
 
