@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 
 import uvicorn
 from responder import API, Problem, Query, Request, Response
+from responder.ext.auth import BearerAuth
 from responder.ext.metrics import MetricsCollector
 from responder.ext.pagination import paginate, set_pagination_headers
 from sqlalchemy import ColumnElement, text
@@ -66,11 +67,18 @@ def plain_problem(payload: dict[str, Any]) -> dict[str, Any]:
 @asynccontextmanager
 async def lifespan(api: API) -> AsyncIterator[None]:
     """Per process (per event loop): the database, its schema checked, and the cache."""
-    async with open_database(api), open_cache(api.state.settings) as cache:
+    settings: Settings = api.state.settings
+    async with open_database(api), open_cache(settings) as cache:
         api.state.cache = cache
+        # Library code compares the tokens, in constant time; None: writes are open.
+        tokens = settings.write_tokens
+        api.state.writers = BearerAuth(tokens=tokens, realm="books") if tokens else None
+        # Responder answers 504 for a handler that runs longer (read per request).
+        api.router.request_timeout = settings.request_timeout
         yield
 
 
+settings = load_settings()
 api = API(
     title="Books",
     version="1.0.0",
@@ -86,8 +94,26 @@ api = API(
     problem_handler=plain_problem,
     sessions=False,  # a stateless JSON API: no cookie sessions
     gzip=False,  # compression belongs to the proxy in front, not to every worker
+    # CORS is fixed when the process starts (the request timeout is set in `lifespan`).
+    cors=bool(settings.cors_origins),
+    cors_params={
+        "allow_origins": settings.cors_origins,
+        "allow_methods": ["GET", "POST", "PUT", "PATCH", "DELETE"],
+        "allow_headers": ["Content-Type", "Authorization", "If-Match", "If-None-Match"],
+        "expose_headers": ["ETag", "Location", "Link", "X-Total-Count", "X-Request-ID"],
+        "max_age": 600,
+    },
 )
-api.state.settings = load_settings()
+api.state.settings = settings
+api.add_security_scheme(
+    "bearerAuth",
+    {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "Needed by POST, PUT, PATCH and DELETE when the server sets API_TOKENS.",
+    },
+)
+WRITERS_ONLY: list[dict[str, list[str]]] = [{"bearerAuth": []}]  # OpenAPI security
 
 
 # --- Sessions and errors -----------------------------------------------------
@@ -138,9 +164,21 @@ for unavailable in (OperationalError, InterfaceError, PoolTimeoutError, OSError,
     api.add_exception_handler(unavailable, database_unavailable)
 
 
+# PostgreSQL's code for a statement cancelled by `statement_timeout` (REQUEST_TIMEOUT).
+QUERY_CANCELED = "57014"
+
+
+async def request_timed_out(req: Request, resp: Response) -> None:
+    resp.problem(504, "The request took longer than the server allows.", title="Gateway Timeout")
+
+
 @api.exception_handler(DBAPIError)
 async def database_error(req: Request, resp: Response, exc: DBAPIError) -> None:
-    """A lost connection is a 503; any other driver error is our bug: a plain 500."""
+    """A lost connection is a 503, a statement timeout a 504; any other driver error
+    is our bug: a plain 500."""
+    if getattr(exc.orig, "sqlstate", None) == QUERY_CANCELED:
+        await request_timed_out(req, resp)
+        return
     if exc.connection_invalidated:
         await database_unavailable(req, resp, exc)
         return
@@ -196,6 +234,14 @@ def apply_changes(session: AsyncSession, book: Book, changes: dict[str, Any]) ->
         setattr(book, field, value)
     if session.is_modified(book):
         book.updated_at = utc_now()
+
+
+async def writers_only(req: Request, resp: Response) -> None:
+    """Before-hook of every write: with API_TOKENS set, no known bearer token is a 401,
+    answered before the body is even looked at."""
+    writers: BearerAuth | None = req.api.state.writers
+    if writers is not None:
+        await writers.authenticate(req)
 
 
 def json_body(*media_types: str) -> Callable[[Request, Response], Awaitable[None]]:
@@ -287,7 +333,12 @@ def set_cursor_headers(req: Request, resp: Response, total: int, next_cursor: st
     resp.headers["X-Total-Count"] = str(total)
 
 
-@api.post("/books", status_code=201, before=json_body("application/json"))
+@api.post(
+    "/books",
+    status_code=201,
+    before=[writers_only, json_body("application/json")],
+    security=WRITERS_ONLY,
+)
 async def create_book(req: Request, resp: Response, *, book: BookIn) -> BookOut:
     """Add a book."""
     now = utc_now()
@@ -317,7 +368,11 @@ async def get_book(req: Request, resp: Response, *, book_id: int) -> BookOut:
     return found
 
 
-@api.put("/books/{book_id:int}", before=json_body("application/json"))
+@api.put(
+    "/books/{book_id:int}",
+    before=[writers_only, json_body("application/json")],
+    security=WRITERS_ONLY,
+)
 async def replace_book(req: Request, resp: Response, *, book_id: int, book: BookIn) -> BookOut:
     """Replace a book whole; a field left out (`isbn`) is cleared."""
     async with writing(req) as session:
@@ -331,7 +386,8 @@ async def replace_book(req: Request, resp: Response, *, book_id: int, book: Book
 
 @api.patch(
     "/books/{book_id:int}",
-    before=json_body("application/json", "application/merge-patch+json"),
+    before=[writers_only, json_body("application/json", "application/merge-patch+json")],
+    security=WRITERS_ONLY,
 )
 async def update_book(req: Request, resp: Response, *, book_id: int, patch: BookPatch) -> BookOut:
     """Change some fields of a book; `"isbn": null` clears the ISBN."""
@@ -344,7 +400,7 @@ async def update_book(req: Request, resp: Response, *, book_id: int, patch: Book
     return BookOut.model_validate(stored)
 
 
-@api.delete("/books/{book_id:int}", status_code=204)
+@api.delete("/books/{book_id:int}", status_code=204, before=[writers_only], security=WRITERS_ONLY)
 async def delete_book(req: Request, resp: Response, *, book_id: int) -> None:
     """Delete a book; its id is never used again."""
     async with writing(req) as session:

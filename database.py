@@ -43,7 +43,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
     """The engine for `settings.database_url`, with the pool and SQLite tuned for a server."""
     options: dict[str, Any] = {"echo": settings.sql_echo}
     if settings.is_sqlite:
-        options["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        options["connect_args"] = {"timeout": sqlite_busy_timeout_ms(settings) / 1000}
     else:
         options |= {
             "pool_size": settings.pool_size,
@@ -52,13 +52,27 @@ def create_engine(settings: Settings) -> AsyncEngine:
             "pool_pre_ping": settings.pool_pre_ping,
             "connect_args": {"timeout": settings.connect_timeout},
         }
+        if settings.request_timeout is not None:  # no statement outlives its request
+            timeout_ms = str(round(settings.request_timeout * 1000))
+            options["connect_args"]["server_settings"] = {"statement_timeout": timeout_ms}
     engine = create_async_engine(settings.database_url, **options)
     if settings.is_sqlite:
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, sqlite_busy_timeout_ms(settings))
     return engine
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def sqlite_busy_timeout_ms(settings: Settings) -> int:
+    """How long SQLite waits for the write lock: never longer than a request may take.
+
+    A request abandoned by REQUEST_TIMEOUT cannot interrupt a BEGIN waiting in
+    aiosqlite's thread, and its session cannot close until that BEGIN returns.
+    """
+    if settings.request_timeout is None:
+        return SQLITE_BUSY_TIMEOUT_MS
+    return min(SQLITE_BUSY_TIMEOUT_MS, round(settings.request_timeout * 1000))
+
+
+def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     """A busy timeout, foreign keys, and transactions that begin when we say.
 
     The sqlite3 driver would otherwise start transactions lazily at the first
@@ -76,7 +90,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()

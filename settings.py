@@ -1,9 +1,12 @@
 """Configuration: one typed object, read from the environment and `.env`."""
 
 import sys
+from pathlib import Path
+from typing import Annotated, Self
 
-from pydantic import Field, RedisDsn, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, PrivateAttr, RedisDsn, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -27,6 +30,18 @@ class Settings(BaseSettings):
     redis_url: RedisDsn | None = Field(None, description="Turns the shared cache on.")
     cache_ttl_seconds: int = Field(300, ge=1, description="Life of a cached entry.")
     cache_prefix: str = Field("books:", description="Prefix of every cache key.")
+    # Comma-separated in the environment (NoDecode: not JSON).
+    api_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer tokens that may write; none: writes are open."
+    )
+    api_tokens_file: Path | None = Field(None, description="A file of tokens, one per line.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS; none: no CORS headers."
+    )
+    request_timeout: float | None = Field(
+        None, gt=0, description="Seconds before a 504; on PostgreSQL also the statement timeout."
+    )
+    _write_tokens: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("database_url")
     @classmethod
@@ -47,6 +62,33 @@ class Settings(BaseSettings):
         """`REDIS_URL=` (set but empty, as compose files often leave it) keeps the cache off."""
         return None if value == "" else value
 
+    @field_validator("api_tokens", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _read_tokens_file(self) -> Self:
+        """The tokens of API_TOKENS and of API_TOKENS_FILE (blank lines and # comments skipped)."""
+        tokens = list(self.api_tokens)
+        if self.api_tokens_file is not None:
+            try:
+                lines = self.api_tokens_file.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise PydanticCustomError(
+                    "tokens_file", f"API_TOKENS_FILE: cannot be read ({exc.__class__.__name__})"
+                ) from None
+            tokens += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        self._write_tokens = tokens
+        return self
+
+    @property
+    def write_tokens(self) -> list[str]:
+        """Who may write: empty means everyone (no API_TOKENS or API_TOKENS_FILE)."""
+        return self._write_tokens
+
     @property
     def is_sqlite(self) -> bool:
         return make_url(self.database_url).get_backend_name() == "sqlite"
@@ -58,7 +100,7 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+            ": ".join(filter(None, ["_".join(map(str, error["loc"])).upper(), error["msg"]]))
             for error in exc.errors(include_input=False)
         )
         sys.exit(f"invalid configuration: {problems}")

@@ -10,6 +10,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -120,13 +121,23 @@ def database_url(settings: Settings) -> str:
     return settings.database_url
 
 
-@pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
-    """The app, its lifespan run, on an empty books table."""
+@asynccontextmanager
+async def app_client(settings: Settings, **options: object) -> AsyncIterator[AsyncTestClient]:
+    """The app with `settings` (plus `options`), its lifespan run, on an empty books table."""
+    if options:
+        backend = settings.model_dump(include={"database_url", "redis_url", "cache_prefix"})
+        settings = Settings(**backend, **options)  # type: ignore[arg-type]
     api.state.settings = settings
     async with AsyncTestClient(api, base_url="http://testserver") as client:
         async with api.state.engine.begin() as connection:
             await connection.execute(text("DELETE FROM books"))
+        yield client
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
+    """The app, its lifespan run, on an empty books table."""
+    async with app_client(settings) as client:
         yield client
 
 
