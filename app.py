@@ -31,6 +31,7 @@ from cache import BOOKS_GENERATION, BookCache, Entry, book_generation, book_key,
 from database import open_database, pool_metrics, write_transaction
 from listing import SORT_PATTERN, SORTABLE, BookQuery
 from models import Book, utc_now
+from rate_limit import limit_rate, rate_limiter
 from schemas import BookIn, BookOut, BookPage, BookPatch
 from settings import Settings, load_settings
 
@@ -75,6 +76,7 @@ async def lifespan(api: API) -> AsyncIterator[None]:
         api.state.writers = BearerAuth(tokens=tokens, realm="books") if tokens else None
         # Responder answers 504 for a handler that runs longer (read per request).
         api.router.request_timeout = settings.request_timeout
+        api.state.rate_limiter = rate_limiter(settings, cache)
         yield
 
 
@@ -89,6 +91,7 @@ api = API(
     metrics_route="/metrics",
     lifespan=lifespan,
     request_id=True,
+    trust_proxy_headers=settings.trust_proxy_headers,  # client address, links behind a proxy
     security_headers=True,  # X-Content-Type-Options: nosniff and friends
     max_request_size=MAX_BODY_BYTES,
     problem_handler=plain_problem,
@@ -113,6 +116,7 @@ api.add_security_scheme(
         "description": "Needed by POST, PUT, PATCH and DELETE when the server sets API_TOKENS.",
     },
 )
+api.route(before_request=True)(limit_rate)  # before any other hook: a 429 costs little
 WRITERS_ONLY: list[dict[str, list[str]]] = [{"bearerAuth": []}]  # OpenAPI security
 
 

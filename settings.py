@@ -1,5 +1,6 @@
 """Configuration: one typed object, read from the environment and `.env`."""
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Self
@@ -9,6 +10,9 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+RATE = re.compile(r"(?P<requests>[0-9]+)\s*/\s*(?P<period>second|minute|hour)")
+PERIODS = {"second": 1, "minute": 60, "hour": 3600}
 
 
 class Settings(BaseSettings):
@@ -41,6 +45,12 @@ class Settings(BaseSettings):
     request_timeout: float | None = Field(
         None, gt=0, description="Seconds before a 504; on PostgreSQL also the statement timeout."
     )
+    rate_limit: tuple[int, int] | None = Field(
+        None, description="`N/second`, `N/minute` or `N/hour` per client, as (N, seconds)."
+    )
+    trust_proxy_headers: bool = Field(
+        False, description="Take the client's address from Forwarded / X-Forwarded-For."
+    )
     _write_tokens: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("database_url")
@@ -68,6 +78,20 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _requests_per_period(cls, value: object) -> object:
+        """`100/minute` as (100, 60)."""
+        if not isinstance(value, str):
+            return value
+        match = RATE.fullmatch(value.strip().lower())
+        if match is None:
+            raise PydanticCustomError("rate_limit", "expected N/second, N/minute or N/hour")
+        requests = int(match["requests"])
+        if requests < 1:
+            raise PydanticCustomError("rate_limit", "N must be at least 1")
+        return requests, PERIODS[match["period"]]
 
     @model_validator(mode="after")
     def _read_tokens_file(self) -> Self:
