@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 import uvicorn
 from responder import API, Problem, Query, Request, Response
 from responder.ext.auth import BearerAuth
+from responder.ext.logging import setup_logging
 from responder.ext.metrics import MetricsCollector
 from responder.ext.pagination import paginate, set_pagination_headers
 from sqlalchemy import ColumnElement, text
@@ -42,6 +43,8 @@ MAX_BODY_BYTES = 1024 * 1024
 # Ids are 32-bit integers in the table; a larger one cannot name a book.
 MAX_ID = 2**31 - 1
 HEALTH_CHECK_TIMEOUT = 2.0
+# Every log line carries the request's method, path, ID and client (Responder's format).
+setup_logging()
 logger = logging.getLogger("books")
 
 
@@ -91,6 +94,9 @@ api = API(
     metrics_route="/metrics",
     lifespan=lifespan,
     request_id=True,
+    # Request IDs in every log line, and an access line per request (so run
+    # uvicorn with --no-access-log, as `uv run app.py` does).
+    enable_logging=True,
     trust_proxy_headers=settings.trust_proxy_headers,  # client address, links behind a proxy
     security_headers=True,  # X-Content-Type-Options: nosniff and friends
     max_request_size=MAX_BODY_BYTES,
@@ -514,7 +520,13 @@ def main() -> int:
         )
     if args.command == "seed":
         return bulk.seed(settings, args.count)
-    uvicorn.run(api, host=settings.host, port=settings.port, timeout_graceful_shutdown=8)
+    uvicorn.run(
+        api,
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=8,
+        access_log=False,  # Responder logs each request, with its request ID
+    )
     return 0
 
 

@@ -223,3 +223,34 @@ def test_sigterm_finishes_in_flight_requests_and_exits(tmp_path: Path):
     assert all(
         isinstance(r, httpx.ConnectError) for r in results if not isinstance(r, httpx.Response)
     )
+
+
+def test_every_log_line_of_a_request_carries_its_request_id(tmp_path: Path):
+    port = free_port()
+    process = start(
+        ["app.py"],
+        env={
+            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'b.db'}",
+            "PORT": str(port),
+            "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nobody there: warnings
+        },
+    )
+    try:
+        wait_until_healthy(port, process)
+        response = httpx.get(
+            f"http://127.0.0.1:{port}/books/7", headers={"X-Request-ID": "trace-me-42"}
+        )
+        assert response.headers["X-Request-ID"] == "trace-me-42"
+        assert response.json()["request_id"] == "trace-me-42"
+        minted = httpx.get(f"http://127.0.0.1:{port}/books").headers["X-Request-ID"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+    output = process.output().splitlines()
+    traced = [line for line in output if "trace-me-42" in line]
+    assert any("responder.access" in line and "404" in line for line in traced), output
+    assert all("[req:trace-me-42]" in line for line in traced)
+    assert any("responder.access" in line and f"[req:{minted}]" in line for line in output)
+    # Our own warnings, logged while a request runs, carry that request's ID too.
+    warnings = [line for line in output if "books.cache" in line and "unavailable" in line]
+    assert warnings and all(re.search(r"\[req:[0-9a-f-]{36}\]", line) for line in warnings)
