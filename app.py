@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -43,8 +43,6 @@ MAX_BODY_BYTES = 1024 * 1024
 # Ids are 32-bit integers in the table; a larger one cannot name a book.
 MAX_ID = 2**31 - 1
 HEALTH_CHECK_TIMEOUT = 2.0
-# Every log line carries the request's method, path, ID and client (Responder's format).
-setup_logging()
 logger = logging.getLogger("books")
 
 
@@ -84,6 +82,8 @@ async def lifespan(api: API) -> AsyncIterator[None]:
 
 
 settings = load_settings()
+# Every log line carries the request's method, path, ID and client (Responder's format).
+setup_logging(level=logging.getLevelNamesMapping()[settings.log_level.upper()])
 api = API(
     title="Books",
     version="1.0.0",
@@ -129,19 +129,70 @@ WRITERS_ONLY: list[dict[str, list[str]]] = [{"bearerAuth": []}]  # OpenAPI secur
 # --- Sessions and errors -----------------------------------------------------
 
 
-def reading(req: Request) -> AbstractAsyncContextManager[AsyncSession]:
+# What the database layer raises when it cannot do its part.
+DATABASE_ERRORS = (DBAPIError, PoolTimeoutError, OSError, TimeoutError)
+# PostgreSQL's code for a statement cancelled by `statement_timeout` (REQUEST_TIMEOUT).
+QUERY_CANCELED = "57014"
+# PostgreSQL's codes for "the server is going away or not there yet": shut down by an
+# operator, crashed, starting up; and the whole class 08, connection exceptions.
+SERVER_GOING_AWAY = ("57P01", "57P02", "57P03", "08")
+
+
+def database_problem(exc: Exception) -> Problem:
+    """The problem a client sees for a database error (never the error's own text)."""
+    orig = getattr(exc, "orig", None)
+    if isinstance(exc, IntegrityError):
+        # Validation leaves the unique ISBN as the only constraint a request can break.
+        return Problem(409, "A book with this ISBN already exists.", title="Conflict")
+    if getattr(orig, "sqlite_errorname", None) == "SQLITE_FULL":  # the write was rolled back
+        detail = "The server has no room left to store this; nothing was changed."
+        return Problem(507, detail, title="Insufficient Storage")
+    if getattr(orig, "sqlstate", None) == QUERY_CANCELED:
+        detail = "The request took longer than the server allows."
+        return Problem(504, detail, title="Gateway Timeout")
+    if (
+        not isinstance(exc, DBAPIError)  # refused connection, full pool, connect timeout
+        or isinstance(exc, OperationalError | InterfaceError)
+        or exc.connection_invalidated
+        or str(getattr(orig, "sqlstate", "")).startswith(SERVER_GOING_AWAY)
+    ):
+        detail = "The database is unavailable; try again shortly."
+        return Problem(503, detail, title="Service Unavailable", headers={"Retry-After": "5"})
+    logger.error("database error", exc_info=exc)  # any other driver error is our bug
+    return Problem(500, "Internal Server Error")
+
+
+@asynccontextmanager
+async def database_errors_as_problems() -> AsyncIterator[None]:
+    """Raise `database_problem(...)` for a database error in the block.
+
+    (Raised as a Problem from the request rather than left to an exception
+    handler: Responder 9.2 drops the headers an exception handler sets, and a
+    503 needs its Retry-After.)
+    """
+    try:
+        yield
+    except DATABASE_ERRORS as exc:
+        raise database_problem(exc) from None
+
+
+@asynccontextmanager
+async def reading(req: Request) -> AsyncIterator[AsyncSession]:
     """One session for a request that only reads; closing it ends its transaction.
 
     (No `.begin()`: a read has nothing to commit, and a commit plus the pool's
     reset would be two more round trips to the driver.)
     """
-    return req.api.state.async_session()  # type: ignore[no-any-return]
+    async with database_errors_as_problems(), req.api.state.async_session() as session:
+        yield session
 
 
-def writing(req: Request) -> AbstractAsyncContextManager[AsyncSession]:
+@asynccontextmanager
+async def writing(req: Request) -> AsyncIterator[AsyncSession]:
     """One session and one transaction for a request that writes: committed as a whole
     when the block ends, rolled back if anything in it raises."""
-    return write_transaction(req.api.state)
+    async with database_errors_as_problems(), write_transaction(req.api.state) as session:
+        yield session
 
 
 def book_cache(req: Request) -> BookCache:
@@ -149,51 +200,19 @@ def book_cache(req: Request) -> BookCache:
     return req.api.state.cache  # type: ignore[no-any-return]
 
 
-@api.exception_handler(IntegrityError)
-async def duplicate_isbn(req: Request, resp: Response, exc: IntegrityError) -> None:
-    # Validation leaves the unique ISBN as the only constraint a request can break.
-    resp.problem(409, "A book with this ISBN already exists.", title="Conflict")
-
-
 @api.exception_handler(StaleDataError)
 async def concurrent_change(req: Request, resp: Response, exc: StaleDataError) -> None:
     resp.problem(409, "The book changed while this request ran; try again.", title="Conflict")
 
 
-async def database_unavailable(req: Request, resp: Response, exc: Exception) -> None:
-    resp.problem(
-        503,
-        "The database is unavailable; try again shortly.",
-        title="Service Unavailable",
-        headers={"Retry-After": "5"},
-    )
+async def database_failure(req: Request, resp: Response, exc: Exception) -> None:
+    """A database error outside `reading`/`writing` (none is expected): the same answer."""
+    problem = database_problem(exc)
+    resp.problem(problem.status_code, problem.detail, title=problem.title)
 
 
-# Refused or dropped connections, a full pool, a connect timeout: the database is away.
-for unavailable in (OperationalError, InterfaceError, PoolTimeoutError, OSError, TimeoutError):
-    api.add_exception_handler(unavailable, database_unavailable)
-
-
-# PostgreSQL's code for a statement cancelled by `statement_timeout` (REQUEST_TIMEOUT).
-QUERY_CANCELED = "57014"
-
-
-async def request_timed_out(req: Request, resp: Response) -> None:
-    resp.problem(504, "The request took longer than the server allows.", title="Gateway Timeout")
-
-
-@api.exception_handler(DBAPIError)
-async def database_error(req: Request, resp: Response, exc: DBAPIError) -> None:
-    """A lost connection is a 503, a statement timeout a 504; any other driver error
-    is our bug: a plain 500."""
-    if getattr(exc.orig, "sqlstate", None) == QUERY_CANCELED:
-        await request_timed_out(req, resp)
-        return
-    if exc.connection_invalidated:
-        await database_unavailable(req, resp, exc)
-        return
-    logger.error("database error on %s %s", req.method, req.url.path, exc_info=exc)
-    resp.problem(500, "Internal Server Error")
+for error in DATABASE_ERRORS:
+    api.add_exception_handler(error, database_failure)
 
 
 # --- Books -------------------------------------------------------------------

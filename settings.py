@@ -3,7 +3,7 @@
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, PrivateAttr, RedisDsn, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     )
     trust_proxy_headers: bool = Field(
         False, description="Take the client's address from Forwarded / X-Forwarded-For."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="`info` logs one line per request; `warning` only trouble."
     )
     _write_tokens: list[str] = PrivateAttr(default_factory=list)
 

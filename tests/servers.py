@@ -1,7 +1,9 @@
 """Helpers for tests that run the app as a real process or cut its database off."""
 
 import asyncio
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -162,3 +164,55 @@ class RedisServer:
             self._process.terminate()
             self._process.wait(timeout=10)
             self._process = None
+
+
+class PostgresServer:
+    """A PostgreSQL server of the test's own (initdb + pg_ctl), on a free port, that it
+    can stop as abruptly as a crash and start again on the same port.
+
+    The cluster belongs to the `postgres` system user (PostgreSQL refuses to run as
+    root), in a directory of its own under /tmp, removed by `remove()`.
+    """
+
+    def __init__(self) -> None:
+        self.bin = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1])
+        self.directory = Path(tempfile.mkdtemp(prefix="books-pg-"))
+        shutil.chown(self.directory, "postgres", "postgres")
+        self.data = self.directory / "data"
+        self.port = free_port()
+        self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_postgres(
+            [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
+        )
+
+    def _as_postgres(self, command: list[str]) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *command],
+            check=True,
+            capture_output=True,
+            cwd=self.directory,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1"
+        self._as_postgres(
+            [str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-l",
+             str(self.directory / "log"), "start"]
+        )  # fmt: skip
+
+    def stop(self, mode: str = "immediate") -> None:
+        """`immediate` is what clients see when the server crashes or the host dies."""
+        self._as_postgres(
+            [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]
+        )
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def have_postgres_binaries() -> bool:
+    return bool(list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))) and bool(
+        shutil.which("runuser")
+    )

@@ -1,0 +1,159 @@
+"""Faults of the real thing: a PostgreSQL server stopped under traffic and started again;
+SQLite on a disk that fills up."""
+
+import asyncio
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from responder.testing import AsyncTestClient
+
+from settings import Settings
+from tests.conftest import BOOK, app_client
+from tests.servers import PostgresServer, have_postgres_binaries
+
+needs_postgres_binaries = pytest.mark.skipif(
+    not have_postgres_binaries(), reason="needs PostgreSQL's initdb and pg_ctl, and runuser"
+)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.remove()
+
+
+def assert_unavailable(response: httpx.Response, server: PostgresServer) -> None:
+    """A 503 problem that says nothing about the database's internals."""
+    assert response.status_code == 503, response.text
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    assert response.headers.get("Retry-After"), (response.text, dict(response.headers))
+    for internal in (str(server.port), "asyncpg", "postgres", "Traceback", "connection"):
+        assert internal not in response.json()["detail"], response.text
+
+
+async def traffic(client: AsyncTestClient, seconds: float) -> list[tuple[str, httpx.Response]]:
+    """Writers and readers for `seconds`; each result with the title it tried to store."""
+    results: list[tuple[str, httpx.Response]] = []
+    deadline = time.monotonic() + seconds
+
+    async def writer(number: int) -> None:
+        count = 0
+        while time.monotonic() < deadline:
+            title = f"w{number}-{count}"
+            count += 1
+            started = time.monotonic()
+            response = await client.post("/books", json={**BOOK, "title": title, "isbn": None})
+            assert time.monotonic() - started < 5, "a request hung"
+            results.append((title, response))
+
+    async def reader() -> None:
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            response = await client.get("/books", params={"size": 5})
+            assert time.monotonic() - started < 5, "a request hung"
+            results.append(("", response))
+
+    await asyncio.gather(*(writer(n) for n in range(3)), reader())
+    return results
+
+
+@needs_postgres_binaries
+@pytest.mark.parametrize("mode", ["immediate", "fast"])
+async def test_postgresql_stopped_under_traffic_comes_back_with_every_acknowledged_write(
+    own_postgres: PostgresServer, mode: str
+):
+    """`immediate` is a crash (connections drop); `fast` is an operator's shutdown
+    (sessions are told "terminating connection due to administrator command")."""
+    settings = Settings(database_url=own_postgres.url, pool_timeout=2, connect_timeout=2)
+    async with app_client(settings) as client:
+        running = asyncio.create_task(traffic(client, seconds=3))
+        await asyncio.sleep(1)
+        await asyncio.to_thread(own_postgres.stop, mode)
+        results = await running
+        for _, response in results:
+            if response.status_code >= 400:
+                assert_unavailable(response, own_postgres)
+        acknowledged = {title for title, r in results if r.status_code == 201}
+        assert acknowledged, "nothing was written before the stop"
+        assert any(r.status_code == 503 for _, r in results), "the stop was never noticed"
+
+        health = await client.get("/health")
+        assert (
+            health.status_code == 503 and health.json()["checks"]["database"]["status"] == "error"
+        )
+        refused = await client.post("/books", json={**BOOK, "title": "during", "isbn": None})
+        assert_unavailable(refused, own_postgres)
+
+        await asyncio.to_thread(own_postgres.start)
+        deadline = time.monotonic() + 15
+        while (await client.get("/health")).status_code != 200:
+            assert time.monotonic() < deadline, "not back within 15 s of the database"
+            await asyncio.sleep(0.2)
+        listing = await client.get("/books", params={"size": 100})
+        stored = [book["title"] for book in listing.json()["items"]]
+        while listing.json()["next_cursor"]:
+            listing = await client.get(
+                "/books", params={"size": 100, "cursor": listing.json()["next_cursor"]}
+            )
+            stored += [book["title"] for book in listing.json()["items"]]
+        assert acknowledged <= set(stored), "an acknowledged write was lost"
+        attempted = {title for title, _ in results if title} | {"during"}
+        assert set(stored) <= attempted - {"during"}  # nothing half-made, nothing refused
+        assert len(stored) == len(set(stored)) == listing.json()["total"]
+        assert (await client.post("/books", json={**BOOK, "isbn": None})).status_code == 201
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Path]:
+    """A 512 KiB file system of the test's own (tmpfs), so that it can fill up."""
+    directory = Path(tempfile.mkdtemp(prefix="books-disk-"))
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(directory)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        directory.rmdir()
+        pytest.skip("cannot mount a small file system here (needs root)")
+    yield directory
+    subprocess.run(["umount", "-l", str(directory)], check=False)
+    directory.rmdir()
+
+
+def integrity(path: Path) -> str:
+    with sqlite3.connect(path) as connection:
+        return str(connection.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+async def test_sqlite_disk_full_is_a_507_and_recovers_when_space_is_freed(small_disk: Path):
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{small_disk / 'books.db'}")
+    async with app_client(settings) as client:
+        ballast = small_disk / "ballast"
+        ballast.write_bytes(b"\0" * 200_000)  # something the operator can delete later
+        stored = []
+        for number in range(2000):
+            response = await client.post(
+                "/books", json={**BOOK, "title": f"{number} " + "x" * 280, "isbn": None}
+            )
+            if response.status_code != 201:
+                break
+            stored.append(response.json()["id"])
+        else:
+            raise AssertionError("the disk never filled up")
+        assert response.status_code == 507, response.text
+        assert response.headers["Content-Type"].startswith("application/problem+json")
+        assert "sqlite" not in response.text.lower()
+        assert (await client.get(f"/books/{stored[-1]}")).status_code == 200  # reads go on
+        assert (await client.get("/books")).json()["total"] == len(stored)
+
+        ballast.unlink()
+        created = await client.post("/books", json={**BOOK, "isbn": None})
+        assert created.status_code == 201, created.text
+        assert (await client.get("/books")).json()["total"] == len(stored) + 1
+    assert integrity(small_disk / "books.db") == "ok"
