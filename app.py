@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -33,7 +34,7 @@ from database import open_database, pool_metrics, write_transaction
 from listing import SORT_PATTERN, SORTABLE, BookQuery
 from models import Book, utc_now
 from rate_limit import limit_rate, rate_limiter
-from schemas import BookIn, BookOut, BookPage, BookPatch
+from schemas import NO_NUL, BookIn, BookOut, BookPage, BookPatch
 from settings import Settings, load_settings
 
 # Swagger UI's files, from the swagger-ui-py package: /docs needs no CDN.
@@ -124,6 +125,17 @@ api.add_security_scheme(
 )
 api.route(before_request=True)(limit_rate)  # before any other hook: a 429 costs little
 WRITERS_ONLY: list[dict[str, list[str]]] = [{"bearerAuth": []}]  # OpenAPI security
+PROBLEM_SCHEMA = "#/components/schemas/ProblemDetails"  # Responder's problem schema
+
+
+def problems(*statuses: int) -> dict[int, dict[str, Any]]:
+    """OpenAPI entries for the problems a route answers beyond Responder's own
+    (400, 404, 405, 413, 422, 500, and 401/403 where tokens are declared)."""
+    content = {"application/problem+json": {"schema": {"$ref": PROBLEM_SCHEMA}}}
+    return {
+        status: {"description": HTTPStatus(status).phrase, "content": content}
+        for status in (*statuses, 503, 504)  # the database away; REQUEST_TIMEOUT
+    }
 
 
 # --- Sessions and errors -----------------------------------------------------
@@ -290,7 +302,7 @@ def json_body(*media_types: str) -> Callable[[Request, Response], Awaitable[None
     return require
 
 
-@api.get("/books")
+@api.get("/books", responses=problems(429))
 async def list_books(
     req: Request,
     resp: Response,
@@ -300,9 +312,9 @@ async def list_books(
     sort: str = Query(
         "id", pattern=SORT_PATTERN, description=f"comma-separated, `-` for descending: {SORTABLE}"
     ),
-    author: str | None = Query(None, description="exact author, case-insensitive"),
+    author: str | None = Query(None, pattern=NO_NUL, description="exact author, any case"),
     year: int | None = Query(None, ge=-9999, le=9999, description="exact year"),
-    q: str | None = Query(None, description="substring of title or author"),
+    q: str | None = Query(None, pattern=NO_NUL, description="substring of title or author"),
     cursor: str | None = Query(None, description="`next_cursor` of the previous page"),
 ) -> BookPage:
     """List books a page at a time, by page number or by cursor."""
@@ -367,6 +379,7 @@ def set_cursor_headers(req: Request, resp: Response, total: int, next_cursor: st
     status_code=201,
     before=[writers_only, json_body("application/json")],
     security=WRITERS_ONLY,
+    responses=problems(409, 415, 429, 507),
 )
 async def create_book(req: Request, resp: Response, *, book: BookIn) -> BookOut:
     """Add a book."""
@@ -380,7 +393,7 @@ async def create_book(req: Request, resp: Response, *, book: BookIn) -> BookOut:
     return BookOut.model_validate(created)
 
 
-@api.get("/books/{book_id:int}")
+@api.get("/books/{book_id:int}", responses={304: "Not Modified", **problems(429)})
 async def get_book(req: Request, resp: Response, *, book_id: int) -> BookOut:
     """One book, with its ETag; `If-None-Match` with that ETag answers 304."""
     cache = book_cache(req)
@@ -401,6 +414,7 @@ async def get_book(req: Request, resp: Response, *, book_id: int) -> BookOut:
     "/books/{book_id:int}",
     before=[writers_only, json_body("application/json")],
     security=WRITERS_ONLY,
+    responses=problems(409, 412, 415, 429, 507),
 )
 async def replace_book(req: Request, resp: Response, *, book_id: int, book: BookIn) -> BookOut:
     """Replace a book whole; a field left out (`isbn`) is cleared."""
@@ -417,6 +431,7 @@ async def replace_book(req: Request, resp: Response, *, book_id: int, book: Book
     "/books/{book_id:int}",
     before=[writers_only, json_body("application/json", "application/merge-patch+json")],
     security=WRITERS_ONLY,
+    responses=problems(409, 412, 415, 429, 507),
 )
 async def update_book(req: Request, resp: Response, *, book_id: int, patch: BookPatch) -> BookOut:
     """Change some fields of a book; `"isbn": null` clears the ISBN."""
@@ -429,7 +444,13 @@ async def update_book(req: Request, resp: Response, *, book_id: int, patch: Book
     return BookOut.model_validate(stored)
 
 
-@api.delete("/books/{book_id:int}", status_code=204, before=[writers_only], security=WRITERS_ONLY)
+@api.delete(
+    "/books/{book_id:int}",
+    status_code=204,
+    before=[writers_only],
+    security=WRITERS_ONLY,
+    responses=problems(412, 429),
+)
 async def delete_book(req: Request, resp: Response, *, book_id: int) -> None:
     """Delete a book; its id is never used again."""
     async with writing(req) as session:

@@ -38,8 +38,25 @@ def normalize_isbn(value: str) -> str:
         raise PydanticCustomError("isbn", "not a valid ISBN-10 or ISBN-13") from None
 
 
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=300)]
-Author = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+def no_nul(value: str) -> str:
+    """PostgreSQL's text cannot hold U+0000: refuse it here (a 422), not at the database."""
+    if "\x00" in value:
+        raise PydanticCustomError("nul_character", "may not contain the NUL character (U+0000)")
+    return value
+
+
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=300),
+    AfterValidator(no_nul),
+]
+Author = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    AfterValidator(no_nul),
+]
+# For query parameters, which Responder checks with a pattern.
+NO_NUL = r"^[^\x00]*$"
 # strict: a JSON integer only; "1999", 1999.0 and true are all rejected.
 Year = Annotated[int, Field(strict=True, ge=-9999, le=9999)]
 Isbn = Annotated[str, AfterValidator(normalize_isbn)]

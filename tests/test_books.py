@@ -264,3 +264,14 @@ async def test_delete_then_404_and_ids_are_never_reused(client: AsyncTestClient,
 async def test_unknown_route_and_method_are_problems(client: AsyncTestClient):
     assert_problem(await client.get("/nothing-here"), 404)
     assert (await client.request("TRACE", "/books")).status_code == 405
+
+
+async def test_a_nul_character_is_a_422_not_a_database_error(client: AsyncTestClient, book):
+    """PostgreSQL cannot store U+0000 in text (found by schemathesis: it was a 500)."""
+    for field in ("title", "author"):
+        response = await client.post("/books", json={**BOOK, "isbn": None, field: "Du\x00ne"})
+        assert error_locs(assert_problem(response, 422)) == {field}
+        patched = await client.patch(f"/books/{book['id']}", json={field: "\x00"})
+        assert_problem(patched, 422)
+    for parameter in ("q", "author"):
+        assert_problem(await client.get("/books", params={parameter: "a\x00b"}), 422)

@@ -290,3 +290,10 @@ async def test_the_maintained_count_follows_bulk_changes(client: AsyncTestClient
     assert await run("DELETE FROM books WHERE id % 2 = 0") == 3
     if database_url.startswith("postgresql"):
         assert await run("TRUNCATE books") == 0
+
+
+async def test_an_absurdly_large_page_is_past_the_end_not_an_error(client: AsyncTestClient, book):
+    for params in ({"page": 10**30}, {"page": 10**30, "q": "dune"}, {"page": 2**62, "size": 100}):
+        response = await client.get("/books", params=params)
+        assert response.status_code == 200, (params, response.text)
+        assert response.json()["items"] == [] and response.json()["total"] == 1
