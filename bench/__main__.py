@@ -4,6 +4,7 @@
     uv run python -m bench cache     # PostgreSQL, cache off vs on
     uv run python -m bench scale     # list and get latencies at 10k, 100k and 1M books
     uv run python -m bench import    # `app.py import` of 1M books vs the database's floor
+    uv run python -m bench soak      # 10 minutes of mixed traffic: errors, p99, RSS over time
     uv run python -m bench speed --smoke   # seconds: checks the script still works
 
 Needs `wrk` (`apt-get install wrk`), the PostgreSQL of BENCH_DATABASE_URL and, for
@@ -17,6 +18,7 @@ is the median of the rounds.
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import os
 import re
@@ -437,6 +439,68 @@ def scale_benchmark(args: argparse.Namespace) -> None:
         print(f"{name:<16}{figures}   {ratio:>6.2f}x  {verdict}")
 
 
+# 70% single books, 15% list pages, 10% updates, 5% creates.
+SOAK_REQUEST = """request = function()
+  local r = math.random(100)
+  if r <= 70 then return wrk.format("GET", "/books/" .. math.random(1, BOOKS)) end
+  if r <= 85 then return wrk.format("GET", "/books?size=20&page=" .. math.random(1, 50)) end
+  if r <= 95 then
+    return wrk.format("PATCH", "/books/" .. math.random(1, BOOKS), HEADERS,
+      '{"title": "Title ' .. math.random(1, 1000000) .. '"}')
+  end
+  return wrk.format("POST", "/books", HEADERS, '{"title": "New", "author": "A", "year": 2000}')
+end
+"""
+
+
+def resident_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 1024  # type: ignore[index]
+
+
+def open_connections(db: Database, pid: int) -> int:
+    """The server's database connections: PostgreSQL sessions, or SQLite file handles."""
+    if db.sqlite:
+        count = 0
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # closed while we looked
+                count += os.readlink(fd) == db.raw
+        return count
+    name = make_url(db.url).database
+    sql = f"SELECT count(*) - 1 FROM pg_stat_activity WHERE datname = '{name}'"  # minus ours
+    return asyncio.run(fetch(db.raw, sql))
+
+
+def soak_benchmark(args: argparse.Namespace) -> None:
+    """Mixed reads and writes for minutes on end: errors, p99 and memory over time."""
+    slice_seconds = 2 if args.smoke else 30
+    slices = 2 if args.smoke else args.minutes * 60 // slice_seconds
+    script = SOAK_REQUEST.replace("BOOKS", str(args.books)).replace(
+        "HEADERS", '{["Content-Type"] = "application/json"}'
+    )
+    failed = []
+    for kind in args.databases:
+        with database(kind) as db, server("app", {"DATABASE_URL": db.url}) as process:
+            db.reset(args.books)
+            print(f"\n{kind}: {args.soak_connections} connections, {slices} x {slice_seconds} s")
+            print(f"{'t s':>6}{'req/s':>9}{'p99 ms':>9}{'errors':>8}{'RSS MiB':>9}{'db conns':>9}")
+            rss = []
+            for number in range(1, slices + 1):
+                result = wrk(process, script, slice_seconds, args.soak_connections)
+                rss.append(resident_mib(process.pid))
+                errors = result.non_2xx + result.socket_errors
+                print(f"{number * slice_seconds:>6}{result.requests_per_second:>9.0f}"
+                      f"{result.p99_ms:>9.1f}{errors:>8}{rss[-1]:>9.1f}"
+                      f"{open_connections(db, process.pid):>9}", flush=True)  # fmt: skip
+                if errors:
+                    failed.append(f"{kind} at {number * slice_seconds} s")
+            half = len(rss) // 2
+            print(f"RSS: first half max {max(rss[: half or 1]):.1f} MiB, "
+                  f"second half max {max(rss[half:]):.1f} MiB")  # fmt: skip
+    if failed:
+        raise SystemExit(f"errors (non-2xx or socket) in: {', '.join(failed)}")
+
+
 IMPORT_TARGET_SECONDS = 60  # issue 6: a million rows on PostgreSQL
 
 
@@ -515,7 +579,9 @@ def import_benchmark(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["speed", "cache", "scale", "import"])
+    parser.add_argument("mode", choices=["speed", "cache", "scale", "import", "soak"])
+    parser.add_argument("--minutes", type=int, default=10, help="soak: how long, per database")
+    parser.add_argument("--soak-connections", type=int, default=64)
     parser.add_argument("--import-books", type=int, default=1_000_000)
     parser.add_argument("--books", type=int, default=10_000)
     parser.add_argument("--seconds", type=int, default=10)
@@ -535,6 +601,7 @@ def main() -> None:
         "cache": cache_benchmark,
         "scale": scale_benchmark,
         "import": import_benchmark,
+        "soak": soak_benchmark,
     }
     modes[args.mode](args)
 
