@@ -14,11 +14,12 @@ import pytest
 from responder.testing import AsyncTestClient
 
 from settings import Settings
-from tests.conftest import BOOK, app_client
+from tests.conftest import BOOK, TEST_DATABASE_URL, app_client
 from tests.servers import PostgresServer, have_postgres_binaries
 
 needs_postgres_binaries = pytest.mark.skipif(
-    not have_postgres_binaries(), reason="needs PostgreSQL's initdb and pg_ctl, and runuser"
+    not (TEST_DATABASE_URL and have_postgres_binaries()),
+    reason="needs TEST_DATABASE_URL (PostgreSQL here), its initdb and pg_ctl, and runuser",
 )
 
 
