@@ -528,6 +528,18 @@ class ServiceMetrics:
 api.metrics = ServiceMetrics(api.metrics)  # type: ignore[assignment]
 
 
+def counted(lowest: int, highest: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `lowest` to `highest` (else a usage error)."""
+
+    def parse(text: str) -> int:
+        number = int(text)  # a ValueError is argparse's "invalid value"
+        if not lowest <= number <= highest:
+            raise argparse.ArgumentTypeError(f"must be {lowest:,} to {highest:,}")
+        return number
+
+    return parse
+
+
 def main() -> int:
     """`uv run app.py` serves the API; `import FILE` and `seed N` load books (see bulk.py)."""
     parser = argparse.ArgumentParser(prog="app.py", description="The books service.")
@@ -545,9 +557,15 @@ def main() -> int:
         action="store_true",
         help="one transaction: store nothing if any line is rejected (default: commit batches)",
     )
-    loading.add_argument("--batch-size", type=int, default=bulk.BATCH_SIZE, metavar="N")
+    loading.add_argument(
+        "--batch-size",
+        type=counted(1, bulk.MAX_BATCH_SIZE),
+        default=bulk.BATCH_SIZE,
+        metavar="N",
+        help=f"books per transaction, 1 to {bulk.MAX_BATCH_SIZE:,} (default {bulk.BATCH_SIZE:,})",
+    )
     seeding = commands.add_parser("seed", help="create N plausible books to try the API with")
-    seeding.add_argument("count", type=int, metavar="N")
+    seeding.add_argument("count", type=counted(0, 10**9), metavar="N")
     args = parser.parse_args()
     settings: Settings = api.state.settings
     if args.command == "import":

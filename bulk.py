@@ -54,7 +54,8 @@ BATCH_SIZE = 10_000
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 FIELDS = set(BookIn.model_fields)
 REQUIRED_FIELDS = {name for name, info in BookIn.model_fields.items() if info.is_required()}
-WHOLE_NUMBER = re.compile(r"\s*[+-]?\d+\s*")
+WHOLE_NUMBER = re.compile(r"\s*[+-]?[0-9]+\s*")  # ASCII digits, as a JSON integer has
+MAX_BATCH_SIZE = 30_000  # SQLite's ISBN check binds one variable per book (limit 32,766)
 
 # Where a PostgreSQL batch lands first (COPY cannot skip rows that conflict).
 INCOMING = Table(
@@ -82,7 +83,6 @@ class Outcome:
 
     stored: int = 0
     rejected: int = 0
-    committed_through: int = 0  # the last line of the last batch written
     cache_told: bool = True  # the shared cache heard of every change (or there is none)
 
 
@@ -319,7 +319,7 @@ async def load(
                     await _write(connection, books, batch_size, outcome, reject, on_batch, cache)
                     if outcome.rejected:
                         await transaction.rollback()
-                        outcome.stored = outcome.committed_through = 0
+                        outcome.stored = 0
                 await cache.invalidate()
             outcome.cache_told = not cache.owes_invalidations
             return outcome
@@ -369,7 +369,6 @@ async def _write(
             for line in conflicts:
                 reject(line, "isbn: a book with this ISBN is already stored")
             outcome.stored += len(batch) - len(conflicts)
-            outcome.committed_through = batch[-1][0]
             on_batch(batch[-1][0])
         batch = following
 

@@ -187,6 +187,12 @@ def test_the_command_reports_lines_and_exits_by_outcome(tmp_path: Path, books_cs
     assert (result.returncode, result.stdout) == (0, "")
     assert "books stored: 1; lines rejected: 0" in result.stderr
 
+    for bad in (["--batch-size", "0"], ["--batch-size", "30001"], ["--batch-size", "many"]):
+        result = run(["app.py", "import", str(books_csv), *bad], env)
+        assert result.returncode == 2 and "--batch-size" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert run(["app.py", "seed", "-1"], env).returncode == 2
+
     result = run(["app.py", "seed", "30"], env)
     assert result.returncode == 0 and "books stored: 30" in result.stderr
 
@@ -225,3 +231,13 @@ def test_a_file_that_breaks_midway_keeps_the_committed_batches(tmp_path: Path):
         {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'other.db'}"},
     )
     assert result.returncode == 2 and "nothing is stored" in result.stderr
+
+
+async def test_a_csv_year_must_be_written_in_ascii_digits(
+    client: AsyncTestClient, settings: Settings, tmp_path: Path
+):
+    path = tmp_path / "books.csv"
+    path.write_text("title,author,year\nOne,A, 1965 \nTwo,B,\u0661\u0669\u0666\u0665\nThree,C,+7\n")
+    _, rejected = await load(settings, path)
+    assert rejected == {3: "year: Input should be a valid integer"}
+    assert [book["year"] for book in await all_books(client)] == [1965, 7]

@@ -167,6 +167,7 @@ async def test_database_outage_is_503_quickly_and_the_service_recovers(postgres_
             response = await request
             assert time.monotonic() - started < 5
             body = assert_problem(response, 503)
+            assert response.headers["Retry-After"] == "5"
             assert str(proxy.port) not in response.text and "asyncpg" not in body["detail"]
         health = await client.get("/health")
         assert health.status_code == 503
