@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from alembic import command
 from settings import Settings
@@ -33,6 +34,9 @@ SCHEMA_LOCK_ID = 0x626F6F6B73  # "books"
 SQLITE_WRITE = "sqlite_write"
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+# Where a SQLite connection's pool entry records that SQLite opened it read-only.
+SQLITE_READ_ONLY = "sqlite_read_only"
 
 
 class SchemaError(RuntimeError):
@@ -87,18 +91,48 @@ def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     """
 
     @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        entry.info[SQLITE_READ_ONLY] = _opened_read_only(cursor)
         cursor.close()
+
+    @event.listens_for(engine.sync_engine.pool, "checkin")
+    def _on_checkin(_dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:
+        """Close a read-only connection as soon as its request is done.
+
+        SQLite opens the file read-only, silently, when it is not writable (an
+        operator's chmod, a read-only volume), and such a connection stays
+        read-only after the file is fixed; while one is open, this process's
+        other connections share its read-only view of the WAL index too. So the
+        pool keeps none: each request during the fault opens a new connection,
+        and the first request after the fix writes again.
+        """
+        if entry.info.get(SQLITE_READ_ONLY):
+            entry.invalidate()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
         if connection.get_execution_options().get(SQLITE_WRITE, False):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _opened_read_only(cursor: Any) -> bool:
+    """Whether SQLite opened this connection read-only.
+
+    (The driver does not expose sqlite3_db_readonly(); a passive checkpoint never
+    waits and is refused on a read-only connection to a WAL database.)
+    """
+    try:
+        cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    except Exception as exc:  # the driver's OperationalError, wrapped by SQLAlchemy's adapter
+        if getattr(exc, "sqlite_errorname", None) == "SQLITE_READONLY":
+            return True
+        raise
+    return False
 
 
 async def _switch_to_wal(engine: AsyncEngine) -> None:

@@ -158,3 +158,61 @@ async def test_sqlite_disk_full_is_a_507_and_recovers_when_space_is_freed(small_
         assert created.status_code == 201, created.text
         assert (await client.get("/books")).json()["total"] == len(stored) + 1
     assert integrity(small_disk / "books.db") == "ok"
+
+
+def make_immutable(paths: list[Path], immutable: bool) -> None:
+    """The file system's immutable flag: unlike permissions it binds for root too, and
+    on files already open, as a read-only mount does (`chattr` on tmpfs, Linux 6.0+)."""
+    flag = "+i" if immutable else "-i"
+    changed = subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True, text=True)
+    if changed.returncode != 0:
+        pytest.skip(f"cannot set the immutable flag here: {changed.stderr.strip()}")
+
+
+async def test_sqlite_read_only_database_refuses_writes_with_503_and_recovers_when_fixed(
+    small_disk: Path,
+):
+    """The database's directory and files turn read-only under a running app (an
+    operator's chmod or chown). Like a permission, the flag binds when a file is
+    opened: connections opened before may still write, connections opened during
+    the fault are read-only. Reads go on; a write is stored and acknowledged or is a
+    503 problem that changes nothing; once the files are writable, writes succeed."""
+    database = small_disk / "books.db"
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{database}")
+
+    async def create(title: str) -> httpx.Response:
+        return await client.post("/books", json={**BOOK, "title": title, "isbn": None})
+
+    def assert_refused(response: httpx.Response) -> None:
+        assert response.status_code == 503, response.text
+        assert response.headers["Content-Type"].startswith("application/problem+json")
+        assert response.headers.get("Retry-After")
+        assert "sqlite" not in response.text.lower() and "readonly" not in response.text
+
+    async with app_client(settings) as client:
+        results = {f"before {n}": await create(f"before {n}") for n in range(3)}
+        assert {response.status_code for response in results.values()} == {201}
+        files = [small_disk, database, *(small_disk / f"books.db-{end}" for end in ("wal", "shm"))]
+        make_immutable(files, True)
+        try:
+            # Readers at once, so that the pool opens connections while read-only.
+            reads = await asyncio.gather(*(client.get("/books") for _ in range(20)))
+            assert {response.status_code for response in reads} == {200}
+            during = {f"during {n}": await create(f"during {n}") for n in range(10)}
+            for response in during.values():
+                if response.status_code != 201:
+                    assert_refused(response)
+            assert any(response.status_code == 503 for response in during.values())
+            reads = await asyncio.gather(*(client.get("/books") for _ in range(20)))
+            assert {response.status_code for response in reads} == {200}
+        finally:
+            make_immutable(files, False)
+
+        after = {f"after {n}": await create(f"after {n}") for n in range(10)}
+        assert [response.status_code for response in after.values()] == [201] * 10
+        results |= during | after
+        acknowledged = {title for title, response in results.items() if response.status_code == 201}
+        listing = (await client.get("/books", params={"size": 100})).json()
+        assert {book["title"] for book in listing["items"]} == acknowledged
+        assert listing["total"] == len(acknowledged)
+    assert integrity(database) == "ok"
