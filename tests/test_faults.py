@@ -13,6 +13,7 @@ import httpx
 import pytest
 from responder.testing import AsyncTestClient
 
+from app import api
 from settings import Settings
 from tests.conftest import BOOK, TEST_DATABASE_URL, app_client
 from tests.servers import PostgresServer, have_postgres_binaries
@@ -213,6 +214,98 @@ async def test_sqlite_read_only_database_refuses_writes_with_503_and_recovers_wh
         results |= during | after
         acknowledged = {title for title, response in results.items() if response.status_code == 201}
         listing = (await client.get("/books", params={"size": 100})).json()
+        print("LISTING", listing)
         assert {book["title"] for book in listing["items"]} == acknowledged
         assert listing["total"] == len(acknowledged)
     assert integrity(database) == "ok"
+
+
+class Ext4Volume:
+    """An ext4 file system in a file of its own, on a loop device, mounted with
+    `errors=remount-ro`: on an error the kernel turns it read-only at once, open
+    files included, as it does when a real disk fails."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="books-volume-"))
+        self.image = self.directory.with_suffix(".img")
+        self.device = ""
+
+    def create(self) -> None:
+        with self.image.open("wb") as image:
+            image.truncate(32 * 1024 * 1024)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(self.image)], check=True)
+        attached = subprocess.run(
+            ["losetup", "--find", "--show", str(self.image)], capture_output=True, text=True
+        )
+        if attached.returncode != 0:
+            pytest.skip(f"no loop device here: {attached.stderr.strip()}")
+        self.device = attached.stdout.strip()
+        self.mount()
+
+    def mount(self) -> None:
+        options = ["-o", "errors=remount-ro"]
+        subprocess.run(["mount", *options, self.device, str(self.directory)], check=True)
+
+    def fail(self) -> None:
+        """An ext4 error, as a failing disk would cause one (ext4's own test hook)."""
+        name = Path(self.device).name
+        Path(f"/sys/fs/ext4/{name}/trigger_fs_error").write_text("test: the disk failed\n")
+
+    def repair(self) -> None:
+        """What the operator does: unmount, check, mount again."""
+        subprocess.run(["umount", str(self.directory)], check=True)
+        subprocess.run(["e2fsck", "-f", "-y", self.device], capture_output=True, check=False)
+        self.mount()
+
+    def remove(self) -> None:
+        subprocess.run(["umount", "-l", str(self.directory)], check=False)
+        if self.device:
+            subprocess.run(["losetup", "--detach", self.device], check=False)
+        self.image.unlink(missing_ok=True)
+        self.directory.rmdir()
+
+
+@pytest.fixture
+def ext4_volume() -> Iterator[Ext4Volume]:
+    volume = Ext4Volume()
+    if subprocess.run(["losetup", "--find"], capture_output=True).returncode != 0:
+        volume.directory.rmdir()
+        pytest.skip("no loop devices here (needs root)")
+    try:
+        volume.create()
+        yield volume
+    finally:
+        volume.remove()
+
+
+async def test_sqlite_volume_turned_read_only_by_a_disk_error_loses_no_acknowledged_write(
+    ext4_volume: Ext4Volume,
+):
+    """The kernel turns the volume read-only under the running app. Reads go on,
+    writes are 503 problems; the operator repairs the volume and restarts the app
+    (the kernel allows nothing less), and every acknowledged write is there."""
+    database = ext4_volume.directory / "books.db"
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{database}")
+    async with app_client(settings) as client:
+        acknowledged = set()
+        for number in range(5):
+            created = await client.post("/books", json={**BOOK, "title": f"{number}", "isbn": None})
+            assert created.status_code == 201, created.text
+            acknowledged.add(created.json()["title"])
+        ext4_volume.fail()
+        reads = await asyncio.gather(*(client.get("/books") for _ in range(20)))
+        assert {response.status_code for response in reads} == {200}
+        for _ in range(5):
+            refused = await client.post("/books", json={**BOOK, "title": "lost", "isbn": None})
+            assert refused.status_code == 503, refused.text
+            assert refused.headers.get("Retry-After")
+            assert "sqlite" not in refused.text.lower() and "disk" not in refused.text
+        assert (await client.get("/books")).json()["total"] == len(acknowledged)
+
+    ext4_volume.repair()
+    assert integrity(database) == "ok"
+    api.state.settings = settings  # app_client would empty the table: start the app as is
+    async with AsyncTestClient(api, base_url="http://testserver") as client:
+        listing = (await client.get("/books", params={"size": 100})).json()
+        assert {book["title"] for book in listing["items"]} == acknowledged
+        assert (await client.post("/books", json={**BOOK, "isbn": None})).status_code == 201
