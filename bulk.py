@@ -40,12 +40,19 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from stdnum import ean
 from tqdm import tqdm
 
 from cache import BookCache, open_cache
-from database import SQLITE_WRITE, create_engine, prepare_schema
+from database import (
+    SQLITE_WRITE,
+    DatabaseUnavailableError,
+    SchemaError,
+    create_engine,
+    prepare_schema,
+)
 from models import Book, UTCDateTime, utc_now
 from schemas import BookIn
 from settings import Settings
@@ -71,6 +78,10 @@ INCOMING = Table(
 
 # A record: its line number, and the book it holds or why it holds none.
 Record = tuple[int, BookIn | str]
+
+
+# What stops a load part-way on the database's side (each batch stored stays stored).
+DATABASE_FAILURES = (DBAPIError, DatabaseUnavailableError, SchemaError)
 
 
 class FileError(ValueError):
@@ -436,13 +447,12 @@ def import_file(
                 on_batch=progress.reached,
             )
         )
-    except (FileError, UnicodeDecodeError, KeyboardInterrupt) as exc:
+    except (FileError, UnicodeDecodeError, KeyboardInterrupt, *DATABASE_FAILURES) as exc:
         done = f"lines 1-{progress.line:,} are stored"
         if all_or_nothing or not progress.line:
             done = "nothing is stored"
         progress.close()
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{path}: {exc}"
-        return _failed(f"{reason}; {done}")
+        return _failed(f"{_reason(exc, path)}; {done}")
     progress.close(count)
     seconds = time.monotonic() - started
     if all_or_nothing and outcome.rejected:
@@ -469,9 +479,9 @@ def seed(settings: Settings, count: int) -> int:
                 on_batch=progress.reached,
             )
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, *DATABASE_FAILURES) as exc:
         progress.close()
-        return _failed(f"interrupted; {progress.line:,} books stored")
+        return _failed(f"{_reason(exc)}; {progress.line:,} books stored")
     progress.close()
     print(f"books stored: {outcome.stored:,}", file=sys.stderr)
     _warn_if_cache_stale(outcome, settings)
@@ -485,6 +495,17 @@ def _warn_if_cache_stale(outcome: Outcome, settings: Settings) -> None:
             f"lists may miss them for up to {settings.cache_ttl_seconds} s",
             file=sys.stderr,
         )
+
+
+def _reason(error: BaseException, path: Path | None = None) -> str:
+    """What went wrong, in one line (a database error without its SQL)."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, DBAPIError):
+        return f"database error: {error.orig}"
+    if isinstance(error, DatabaseUnavailableError | SchemaError):
+        return str(error)
+    return f"{path}: {error}"
 
 
 def _failed(message: str) -> int:

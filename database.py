@@ -12,6 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from responder import API
 from sqlalchemy import Connection, QueuePool, event, inspect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -41,6 +42,18 @@ SQLITE_READ_ONLY = "sqlite_read_only"
 
 class SchemaError(RuntimeError):
     """The database's schema is not the one this code was written for."""
+
+
+class DatabaseUnavailableError(RuntimeError):
+    """The database could not be opened at startup; the message says where and why."""
+
+    def __init__(self, engine: AsyncEngine, error: Exception) -> None:
+        where = engine.url.render_as_string(hide_password=True)
+        reason = str(getattr(error, "orig", None) or error) or type(error).__name__
+        hint = ""
+        if engine.dialect.name == "sqlite":
+            hint = " (does its directory exist, and may this process write there and to the file?)"
+        super().__init__(f"cannot open the database {where}: {reason}{hint}")
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
@@ -199,7 +212,18 @@ def _create_or_check_schema(connection: Connection) -> None:
 
 
 async def prepare_schema(engine: AsyncEngine) -> None:
-    """Run `_create_or_check_schema` under a lock, so that concurrent workers take turns."""
+    """Run `_create_or_check_schema` under a lock, so that concurrent workers take turns.
+
+    Raises `DatabaseUnavailableError` if the database cannot be reached or opened,
+    `SchemaError` if its schema is not this code's.
+    """
+    try:
+        await _prepare_schema(engine)
+    except (DBAPIError, OSError) as error:  # refused, timed out, unreadable, read-only
+        raise DatabaseUnavailableError(engine, error) from None
+
+
+async def _prepare_schema(engine: AsyncEngine) -> None:
     if engine.dialect.name == "sqlite":
         await _switch_to_wal(engine)
     async with engine.connect() as connection:

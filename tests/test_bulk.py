@@ -11,7 +11,7 @@ from responder.testing import AsyncTestClient
 import bulk
 from schemas import BookIn, BookOut
 from settings import Settings
-from tests.servers import run
+from tests.servers import free_port, run
 
 CSV = """\
 title,author,year,isbn
@@ -231,6 +231,15 @@ def test_a_file_that_breaks_midway_keeps_the_committed_batches(tmp_path: Path):
         {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'other.db'}"},
     )
     assert result.returncode == 2 and "nothing is stored" in result.stderr
+
+
+def test_a_database_that_cannot_be_reached_is_one_line_and_exit_2(books_csv: Path):
+    closed = f"postgresql+asyncpg://books:secret@127.0.0.1:{free_port()}/books"
+    for args in (["import", str(books_csv)], ["seed", "3"]):
+        result = run(["app.py", *args], {"DATABASE_URL": closed})
+        assert result.returncode == 2, result.stderr
+        assert "cannot open the database postgresql+asyncpg://books:***@" in result.stderr
+        assert "secret" not in result.stderr and "Traceback" not in result.stderr
 
 
 async def test_a_csv_year_must_be_written_in_ascii_digits(

@@ -16,7 +16,14 @@ from responder.testing import AsyncTestClient
 from app import api
 from settings import Settings
 from tests.conftest import BOOK, TEST_DATABASE_URL, app_client
-from tests.servers import PostgresServer, have_postgres_binaries
+from tests.servers import (
+    PostgresServer,
+    free_port,
+    have_postgres_binaries,
+    run,
+    start,
+    wait_until_healthy,
+)
 
 needs_postgres_binaries = pytest.mark.skipif(
     not (TEST_DATABASE_URL and have_postgres_binaries()),
@@ -217,6 +224,39 @@ async def test_sqlite_read_only_database_refuses_writes_with_503_and_recovers_wh
         print("LISTING", listing)
         assert {book["title"] for book in listing["items"]} == acknowledged
         assert listing["total"] == len(acknowledged)
+    assert integrity(database) == "ok"
+
+
+def test_sqlite_app_started_on_a_read_only_directory_says_so_and_starts_once_fixed(
+    small_disk: Path,
+):
+    """A database closed cleanly has no -wal/-shm files, and SQLite must create them
+    to open it: in a read-only directory the app cannot start. It says why in a line
+    of its own and exits; once the directory is writable it starts with every book."""
+    database = small_disk / "books.db"
+    env = {"DATABASE_URL": f"sqlite+aiosqlite:///{database}", "PORT": str(free_port())}
+    assert run(["app.py", "seed", "3"], env).returncode == 0
+    make_immutable([small_disk, database], True)
+    try:
+        refused = run(["app.py"], env)
+    finally:
+        make_immutable([small_disk, database], False)
+    assert refused.returncode == 3, refused.stderr  # uvicorn's "startup failed"
+    lines = refused.stderr.splitlines()
+    assert (
+        f"database.DatabaseUnavailableError: cannot open the database sqlite+aiosqlite:///"
+        f"{database}: unable to open database file (does its directory exist, and may this "
+        "process write there and to the file?)"
+    ) in lines
+
+    server = start(["app.py"], env)
+    try:
+        wait_until_healthy(int(env["PORT"]), server)
+        listing = httpx.get(f"http://127.0.0.1:{env['PORT']}/books").json()
+        assert listing["total"] == 3
+    finally:
+        server.terminate()
+        server.wait(10)
     assert integrity(database) == "ok"
 
 
