@@ -45,7 +45,8 @@ class SchemaError(RuntimeError):
 
 
 class DatabaseUnavailableError(RuntimeError):
-    """The database could not be opened at startup; the message says where and why."""
+    """The database could not be opened (by the app at startup, or by import/seed);
+    the message says where and why."""
 
     def __init__(self, engine: AsyncEngine, error: Exception) -> None:
         where = engine.url.render_as_string(hide_password=True)
@@ -93,9 +94,9 @@ def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     """A busy timeout, foreign keys, durable commits, and transactions that begin when we say.
 
     `synchronous=FULL` syncs the WAL at every commit, so a write is on the disk
-    before its client is told so. (WAL's usual NORMAL is faster, about 0.3 ms per
-    commit here, but loses the latest commits when the disk or the OS fails: in
-    the read-only volume fault test every acknowledged write was gone.)
+    before its client is told so. (WAL's usual NORMAL saves that sync, about
+    0.3 ms per commit here, but loses the latest commits when the disk or the OS
+    fails: in the read-only volume fault test every acknowledged write was gone.)
 
     The sqlite3 driver would otherwise start transactions lazily at the first
     write, so two requests that read and then write could both hold a read

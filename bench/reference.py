@@ -38,7 +38,7 @@ class Database:
             self.sqlite = await aiosqlite.connect(DATABASE, isolation_level=None)
             self.sqlite.row_factory = aiosqlite.Row
             await self.sqlite.execute("PRAGMA journal_mode=WAL")
-            await self.sqlite.execute("PRAGMA synchronous=NORMAL")
+            await self.sqlite.execute("PRAGMA synchronous=FULL")  # as durable as the app
 
     async def close(self) -> None:
         if POSTGRES:
