@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -42,6 +43,7 @@ class Server(subprocess.Popen[str]):
     """
 
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
+        self.url = ""  # where it serves, once `serving` knows
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the process)
         super().__init__(
             [sys.executable, *args],
@@ -73,6 +75,20 @@ def wait_until_healthy(port: int, process: Server, timeout: float = 30) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError("server did not become healthy")
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str]) -> Iterator[Server]:
+    """`app.py` as a real process with `env`, on a free port at `.url`, until the block ends."""
+    port = free_port()
+    server = start(["app.py"], {**env, "PORT": str(port)})
+    server.url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(port, server)
+        yield server
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
 
 
 class TcpProxy:

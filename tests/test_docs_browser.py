@@ -19,7 +19,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.servers import ROOT, free_port, start, wait_until_healthy
+from tests.servers import ROOT, serving
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -33,15 +33,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[str]:
     """The app as a real process on SQLite; its base URL."""
-    port = free_port()
-    env = {"PORT": str(port), "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'books.db'}"}
-    server = start([str(ROOT / "app.py")], {**env, "REDIS_URL": ""})
-    try:
-        wait_until_healthy(port, server)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=15)
+    env = {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'books.db'}", "REDIS_URL": ""}
+    with serving(env) as server:
+        yield server.url
 
 
 @pytest.fixture

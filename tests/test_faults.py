@@ -16,14 +16,7 @@ from responder.testing import AsyncTestClient
 from app import api
 from settings import Settings
 from tests.conftest import BOOK, TEST_DATABASE_URL, app_client
-from tests.servers import (
-    PostgresServer,
-    free_port,
-    have_postgres_binaries,
-    run,
-    start,
-    wait_until_healthy,
-)
+from tests.servers import PostgresServer, free_port, have_postgres_binaries, run, serving
 
 needs_postgres_binaries = pytest.mark.skipif(
     not (TEST_DATABASE_URL and have_postgres_binaries()),
@@ -249,14 +242,8 @@ def test_sqlite_app_started_on_a_read_only_directory_says_so_and_starts_once_fix
         "process write there and to the file?)"
     ) in lines
 
-    server = start(["app.py"], env)
-    try:
-        wait_until_healthy(int(env["PORT"]), server)
-        listing = httpx.get(f"http://127.0.0.1:{env['PORT']}/books").json()
-        assert listing["total"] == 3
-    finally:
-        server.terminate()
-        server.wait(10)
+    with serving(env) as server:
+        assert httpx.get(f"{server.url}/books").json()["total"] == 3
     assert integrity(database) == "ok"
 
 

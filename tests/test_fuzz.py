@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BACKENDS
-from tests.servers import free_port, start, wait_until_healthy
+from tests.servers import serving
 
 CHECKS = ",".join(
     [
@@ -33,22 +33,15 @@ def test_schemathesis_finds_nothing(backend, request: pytest.FixtureRequest, tmp
         database_url = f"sqlite+aiosqlite:///{tmp_path / 'books.db'}"
     else:
         database_url = request.getfixturevalue("postgres_url")
-    port = free_port()
-    env = {"DATABASE_URL": database_url, "PORT": str(port), "LOG_LEVEL": "warning"}
-    server = start(["app.py"], env)
-    try:
-        wait_until_healthy(port, server)
+    with serving({"DATABASE_URL": database_url, "LOG_LEVEL": "warning"}) as server:
         result = subprocess.run(
             [
-                str(SCHEMATHESIS), "run", f"http://127.0.0.1:{port}/schema.yml",
+                str(SCHEMATHESIS), "run", f"{server.url}/schema.yml",
                 "--checks", CHECKS, "--seed", "1", "--max-examples", "50",
                 "--max-time", str(FUZZ_SECONDS), "--no-color",
             ],
             capture_output=True, text=True, timeout=300, cwd=tmp_path,
         )  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     summary = result.stdout
     assert result.returncode == 0, summary[summary.find("___") :] or summary
     assert " passed" in summary and "generated" in summary

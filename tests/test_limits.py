@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from app import api
 from settings import Settings
 from tests.conftest import BOOK, app_client, asyncpg_dsn
-from tests.servers import free_port, start, wait_until_healthy
+from tests.servers import serving
 
 TIMEOUT = 0.5
 
@@ -90,16 +90,12 @@ async def test_postgresql_statements_get_the_same_timeout(client: AsyncTestClien
 
 
 def test_cors_exposes_the_headers_clients_need(tmp_path):
-    port = free_port()
     env = {
         "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'books.db'}",
-        "PORT": str(port),
         "CORS_ORIGINS": "https://books.example, https://admin.example",
     }
-    server = start(["app.py"], env)
-    try:
-        wait_until_healthy(port, server)
-        base = f"http://127.0.0.1:{port}"
+    with serving(env) as server:
+        base = server.url
         preflight = httpx.options(
             f"{base}/books/1",
             headers={
@@ -126,24 +122,12 @@ def test_cors_exposes_the_headers_clients_need(tmp_path):
 
         stranger = httpx.get(f"{base}/books", headers={"Origin": "https://evil.example"})
         assert "Access-Control-Allow-Origin" not in stranger.headers
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_without_cors_origins_there_are_no_cors_headers(tmp_path):
-    port = free_port()
-    env = {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'books.db'}", "PORT": str(port)}
-    server = start(["app.py"], env)
-    try:
-        wait_until_healthy(port, server)
-        response = httpx.get(
-            f"http://127.0.0.1:{port}/books", headers={"Origin": "https://x.example"}
-        )
+    with serving({"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'books.db'}"}) as server:
+        response = httpx.get(f"{server.url}/books", headers={"Origin": "https://x.example"})
         assert not any(name.lower().startswith("access-control-") for name in response.headers)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 async def test_timeouts_leave_the_pool_whole(settings: Settings):
