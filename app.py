@@ -584,6 +584,9 @@ def main() -> int:
         port=settings.port,
         timeout_graceful_shutdown=8,
         access_log=False,  # Responder logs each request, with its request ID
+        # uvicorn would trust X-Forwarded-For from 127.0.0.1 by default: only
+        # TRUST_PROXY_HEADERS decides whose address a client has (Responder).
+        proxy_headers=False,
     )
     return 0
 

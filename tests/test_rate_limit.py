@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
+import httpx
 import pytest
 from responder.testing import AsyncTestClient
 
 from settings import Settings
 from tests.conftest import BOOK, TEST_REDIS_URL, app_client
-from tests.servers import RedisServer
+from tests.servers import RedisServer, serving
 
 
 async def spend(client: AsyncTestClient, budget: int, requests: int | None = None) -> None:
@@ -75,14 +76,41 @@ async def test_when_redis_fails_the_limit_falls_back_to_memory(tmp_path: Path):
         async with app_client(settings) as client:
             await spend(client, 4, requests=2)  # counted in Redis
             redis_server.stop()
+            statuses = []
             for _ in range(4):  # counted in memory from now on; never failed
                 response = await client.get("/books")
                 assert response.status_code in (200, 429), response.text
+                statuses.append(response.status_code)
                 if response.status_code == 429:
                     assert_refused(response)
                     break
             else:
                 raise AssertionError("the in-memory count never refused")
+            # Memory had counted the two made through Redis: two more, not a fresh four.
+            assert statuses == [200, 200, 429]
             assert (await client.get("/health")).status_code == 200
     finally:
         redis_server.stop()
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_the_client_is_the_peer_unless_proxy_headers_are_trusted(tmp_path: Path, trusted: bool):
+    """Without TRUST_PROXY_HEADERS a client cannot pick a fresh budget by sending
+    X-Forwarded-For; with it (behind a proxy) each forwarded address is a client."""
+    env = {
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'books.db'}",
+        "RATE_LIMIT": "2/minute",
+        "TRUST_PROXY_HEADERS": str(trusted).lower(),
+    }
+    with serving(env) as server:
+
+        def get_as(address: str) -> httpx.Response:
+            return httpx.get(f"{server.url}/books", headers={"X-Forwarded-For": address})
+
+        assert [get_as("203.0.113.1").status_code for _ in range(2)] == [200, 200]
+        other = get_as("203.0.113.2")
+        if trusted:
+            assert other.status_code == 200 and other.headers["X-RateLimit-Remaining"] == "1"
+            assert_refused(get_as("203.0.113.1"))
+        else:
+            assert_refused(other)
