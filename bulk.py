@@ -31,7 +31,6 @@ from sqlalchemy import (
     Column,
     Integer,
     MetaData,
-    String,
     Table,
     exists,
     insert,
@@ -59,8 +58,11 @@ from settings import Settings
 
 BATCH_SIZE = 10_000
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-FIELDS = set(BookIn.model_fields)
+# A book's fields, in order: the columns a file may have, each in `books` too.
+FIELDS = list(BookIn.model_fields)
 REQUIRED_FIELDS = {name for name, info in BookIn.model_fields.items() if info.is_required()}
+# CSV has only text: these become integers when they hold a whole number.
+INTEGER_FIELDS = {name for name, info in BookIn.model_fields.items() if info.annotation is int}
 WHOLE_NUMBER = re.compile(r"\s*[+-]?[0-9]+\s*")  # ASCII digits, as a JSON integer has
 MAX_BATCH_SIZE = 30_000  # SQLite's ISBN check binds one variable per book (limit 32,766)
 
@@ -69,10 +71,7 @@ INCOMING = Table(
     "incoming_books",
     MetaData(),
     Column("line", Integer),
-    Column("title", String),
-    Column("author", String),
-    Column("year", Integer),
-    Column("isbn", String),
+    *(Column(name, Book.__table__.c[name].type) for name in FIELDS),
     prefixes=["TEMPORARY"],
 )
 
@@ -118,12 +117,13 @@ def count_lines(path: Path) -> int:
 def csv_records(stream: TextIO) -> Iterator[tuple[int, object]]:
     """Each CSV row with the line it starts on, as the fields a JSON body would have.
 
-    CSV has only text: a whole-number `year` becomes an integer (any other text
-    stays text and fails as it would in the API), and an empty `isbn` means none.
+    CSV has only text: a whole number in an integer field (`year`) becomes an
+    integer (any other text stays text and fails as it would in the API), and an
+    empty optional field (`isbn`) means none.
     """
     reader = csv.DictReader(stream)
     header = set(reader.fieldnames or ())
-    if unknown := header - FIELDS:
+    if unknown := header - set(FIELDS):
         raise FileError(f"unknown column(s): {', '.join(sorted(unknown))}")
     if missing := REQUIRED_FIELDS - header:
         raise FileError(f"missing column(s): {', '.join(sorted(missing))}")
@@ -134,13 +134,19 @@ def csv_records(stream: TextIO) -> Iterator[tuple[int, object]]:
         elif None in row.values():
             yield start, "fewer fields than the header has"
         else:
-            fields: dict[str, object] = dict(row)
-            if WHOLE_NUMBER.fullmatch(row["year"]):
-                fields["year"] = int(row["year"])
-            if not row.get("isbn", "").strip():
-                fields["isbn"] = None
-            yield start, fields
+            yield start, typed(row)
         start = reader.line_num + 1
+
+
+def typed(row: dict[str, str]) -> dict[str, object]:
+    """A CSV row's text as the values a JSON body would have."""
+    fields: dict[str, object] = dict(row)
+    for name, value in row.items():
+        if name in INTEGER_FIELDS and WHOLE_NUMBER.fullmatch(value):
+            fields[name] = int(value)
+        elif name not in REQUIRED_FIELDS and not value.strip():
+            fields[name] = None
+    return fields
 
 
 def jsonl_records(stream: TextIO) -> Iterator[tuple[int, object]]:
@@ -232,18 +238,15 @@ async def _store_postgresql(
     raw = await connection.get_raw_connection()
     await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
         INCOMING.name,
-        records=[(line, book.title, book.author, book.year, book.isbn) for line, book in batch],
+        records=[(line, *(getattr(book, name) for name in FIELDS)) for line, book in batch],
         columns=[column.name for column in INCOMING.columns],
     )
     moved = (
         postgresql_insert(Book)
         .from_select(
-            ["title", "author", "year", "isbn", "created_at", "updated_at", "version"],
+            [*FIELDS, "created_at", "updated_at", "version"],
             select(
-                INCOMING.c.title,
-                INCOMING.c.author,
-                INCOMING.c.year,
-                INCOMING.c.isbn,
+                *(INCOMING.c[name] for name in FIELDS),
                 literal(now, UTCDateTime),
                 literal(now, UTCDateTime),
                 literal(1),

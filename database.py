@@ -1,18 +1,20 @@
 """The engine, the per-request sessions, and the schema check run at startup."""
 
 import asyncio
+import re
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from alembic.config import Config
+from alembic.operations import BatchOperations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from responder import API
-from sqlalchemy import Connection, QueuePool, event, inspect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Index, QueuePool, UniqueConstraint, event, inspect
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -21,7 +23,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from alembic import command
+from alembic import command, op
+from models import Base
 from settings import Settings
 
 ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
@@ -38,6 +41,9 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 # Where a SQLite connection's pool entry records that SQLite opened it read-only.
 SQLITE_READ_ONLY = "sqlite_read_only"
+
+# SQLite names the columns of a broken UNIQUE constraint, not the constraint.
+SQLITE_UNIQUE_FAILED = re.compile(r"UNIQUE constraint failed: (?P<columns>.+)")
 
 
 class SchemaError(RuntimeError):
@@ -234,6 +240,77 @@ async def _prepare_schema(engine: AsyncEngine) -> None:
             if engine.dialect.name == "postgresql":
                 await connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})")
             await connection.run_sync(_create_or_check_schema)
+
+
+def violated_constraint(error: IntegrityError) -> str | None:
+    """The name of the constraint a write broke, if the database says which.
+
+    PostgreSQL names it (asyncpg's `constraint_name`); SQLite names a UNIQUE
+    constraint's columns (`books.isbn`), which models.py maps back to its name,
+    and a CHECK constraint by name.
+    """
+    named = getattr(getattr(error.orig, "__cause__", None), "constraint_name", None)
+    if named is not None:
+        return str(named)
+    message = str(error.orig)
+    if message.startswith("CHECK constraint failed: "):
+        return message.removeprefix("CHECK constraint failed: ")
+    if match := SQLITE_UNIQUE_FAILED.fullmatch(message):
+        table_name = match["columns"].split(".")[0]
+        columns = {column.split(".")[-1] for column in match["columns"].split(", ")}
+        table = Base.metadata.tables.get(table_name)
+        candidates: list[UniqueConstraint | Index] = []
+        if table is not None:
+            candidates = [c for c in table.constraints if isinstance(c, UniqueConstraint)]
+            candidates += [index for index in table.indexes if index.unique]
+        for candidate in candidates:
+            if {column.name for column in candidate.columns} == columns:
+                return str(candidate.name)
+    return None
+
+
+@contextmanager
+def sqlite_rebuild(table: str) -> Iterator[BatchOperations]:
+    """`op.batch_alter_table(table)` for a migration step that SQLite can only make by
+    rebuilding the table (a column's type or nullability, a constraint), keeping what
+    a rebuild would otherwise lose: AUTOINCREMENT and the highest id handed out so far,
+    expression indexes and triggers. Other databases alter the table in place.
+
+    (Adding, dropping and renaming columns and indexes need no rebuild: SQLite ALTERs
+    those, which is why env.py does not make autogenerate write batch mode. Drop an
+    index or trigger you mean to remove before this block, not inside it.)
+    """
+    bind = op.get_bind()
+    if bind.dialect.name != "sqlite":
+        with op.batch_alter_table(table) as batch:
+            yield batch
+        return
+    rows = bind.exec_driver_sql(
+        "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = ?", (table,)
+    ).all()
+    created = next(sql for kind, _, sql in rows if kind == "table")
+    dependents = [(name, sql) for kind, name, sql in rows if kind != "table" and sql]
+    autoincrement = "AUTOINCREMENT" in created.upper()
+    highest = (
+        bind.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).scalar()
+        if autoincrement
+        else None
+    )
+    options = {"sqlite_autoincrement": autoincrement}
+    with op.batch_alter_table(table, recreate="always", table_kwargs=options) as batch:
+        yield batch
+    present = {name for (name,) in bind.exec_driver_sql("SELECT name FROM sqlite_master")}
+    for name, sql in dependents:
+        if name not in present:
+            bind.exec_driver_sql(sql)
+    if highest is not None:  # the copy restarted the count at the highest id still stored
+        rebuilt = bind.exec_driver_sql(
+            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = ?", (table,)
+        ).scalar()
+        bind.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+        bind.exec_driver_sql(
+            "INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, max(highest, rebuilt))
+        )
 
 
 @asynccontextmanager

@@ -1,9 +1,16 @@
-"""How `GET /books` filters, sorts and pages: by number (OFFSET) or by cursor (keyset)."""
+"""How a listing filters, sorts and pages: by number (OFFSET) or by cursor (keyset).
+
+A resource declares its listing once, as a `Listing`: the model, the fields it
+sorts by and its filters. Everything else is derived from that declaration: the
+route's query parameters (and so the OpenAPI document), the SQL, the cache keys
+and the cursors.
+"""
 
 import base64
 import binascii
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -12,64 +19,98 @@ from responder import Problem
 from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from models import Book, BookCount
+from models import Base
 
-TIMESTAMPS = ("created_at", "updated_at")
-SORTABLE = ("id", "title", "author", "year", *TIMESTAMPS)
 MAX_OFFSET = 2**62  # more rows than any table holds, and within a 64-bit OFFSET
-_FIELD = f"-?({'|'.join(SORTABLE)})"
-# `sort` as the client writes it: `-year,title`. Validated by the Query marker (422).
-SORT_PATTERN = f"^{_FIELD}(,{_FIELD})*$"
 
 
 @dataclass(frozen=True)
-class BookQuery:
-    """The filters and sort order of one listing, as the client asked for them."""
+class Filter:
+    """One way to narrow a listing: `?name=value` keeps the rows `matches(value)`."""
 
+    kind: type  # the value's type, which Responder checks (a 422 otherwise)
+    # The `Query(None, ...)` marker: constraints and description of the parameter.
+    # None for a filter the route sets itself (the book whose reviews are listed).
+    query: Any
+    matches: Callable[[Any], ColumnElement[bool]]
+    blank_is_unset: bool = False  # `?q=` (empty) is no filter at all
+    # A search: its matches are counted beside the page, in the same statement,
+    # rather than found twice (see `ListingQuery.read`).
+    search: bool = False
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a resource's listing offers: its rows, sort fields and filters."""
+
+    name: str  # tells its cache keys from other listings'
+    model: type[Base]
+    sortable: tuple[str, ...]
+    filters: Mapping[str, Filter]
+    # A count kept without a scan, for these filters, if there is one (else COUNT(*)).
+    maintained_count: Callable[[Mapping[str, Any]], Select[Any] | None] = lambda filters: None
+    # The filters of cursors made before cursors were versioned (see `ListingQuery._decode`).
+    first_cursor_filters: tuple[str, ...] = ()
+
+    @property
+    def sort_pattern(self) -> str:
+        """`sort` as the client writes it (`-year,title`); Responder checks it (422)."""
+        one = f"-?({'|'.join(self.sortable)})"
+        return f"^{one}(,{one})*$"
+
+    def parameters(self) -> dict[str, tuple[Any, Any]]:
+        """The filters a client sets, as `web.query_parameters` takes them."""
+        return {
+            name: (item.kind | None, item.query)
+            for name, item in self.filters.items()
+            if item.query is not None
+        }
+
+    def query(self, sort: str, values: Mapping[str, Any]) -> "ListingQuery":
+        """The listing `sort` and the filter `values` ask for (unset ones left out)."""
+        used = {
+            name: value
+            for name, value in values.items()
+            if value is not None and not (self.filters[name].blank_is_unset and value == "")
+        }
+        return ListingQuery(self, sort, used)
+
+
+@dataclass(frozen=True)
+class ListingQuery:
+    """One listing as a client asked for it: a sort order and the filters in use."""
+
+    listing: Listing
     sort: str
-    author: str | None = None
-    year: int | None = None
-    q: str | None = None
+    filters: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def order(self) -> list[tuple[str, bool]]:
         """(field, descending) pairs, first mention wins, always ending in `id`."""
         order: dict[str, bool] = {}
-        for field in self.sort.split(","):
-            order.setdefault(field.removeprefix("-"), field.startswith("-"))
+        for name in self.sort.split(","):
+            order.setdefault(name.removeprefix("-"), name.startswith("-"))
         order.setdefault("id", False)
         return list(order.items())
 
     def where(self) -> list[ColumnElement[bool]]:
-        conditions: list[ColumnElement[bool]] = []
-        if self.author is not None:
-            conditions.append(func.lower(Book.author) == func.lower(self.author))
-        if self.year is not None:
-            conditions.append(Book.year == self.year)
-        if self.q:
-            # autoescape: %, _ and the escape character itself match literally.
-            conditions.append(
-                or_(
-                    Book.title.icontains(self.q, autoescape=True),
-                    Book.author.icontains(self.q, autoescape=True),
-                )
-            )
-        return conditions
+        return [self.listing.filters[name].matches(value) for name, value in self.filters.items()]
 
-    def count(self) -> Select[int]:
-        """How many books match; without filters, the count the triggers keep (no scan)."""
-        conditions = self.where()
-        if not conditions:
-            return select(func.coalesce(func.sum(BookCount.books), 0))
-        return select(func.count()).select_from(Book).where(*conditions)
+    def count(self) -> Select[Any]:
+        """How many rows match: the maintained count where there is one, else COUNT(*)."""
+        maintained = self.listing.maintained_count(self.filters)
+        if maintained is not None:
+            return maintained
+        return select(func.count()).select_from(self.listing.model).where(*self.where())
 
-    def rows(self, *, backwards: bool = False) -> Select[Book]:
-        """The matching books in this query's order (or exactly the reverse)."""
+    def rows(self, *, backwards: bool = False) -> Select[Any]:
+        """The matching rows in this query's order (or exactly the reverse)."""
+        model = self.listing.model
         ordering = [
-            getattr(Book, field).desc() if desc != backwards else getattr(Book, field).asc()
-            for field, desc in self.order
+            getattr(model, name).desc() if desc != backwards else getattr(model, name).asc()
+            for name, desc in self.order
         ]
-        return select(Book).where(*self.where()).order_by(*ordering)
+        return select(model).where(*self.where()).order_by(*ordering)
 
     async def read(
         self,
@@ -79,12 +120,12 @@ class BookQuery:
         size: int,
         after: ColumnElement[bool] | None,
         total: int | None,
-    ) -> tuple[list[Book], int]:
-        """A page's books, plus the one after it (to tell whether more follow), and the total.
+    ) -> tuple[list[Any], int]:
+        """A page's rows, plus the one after it (to tell whether more follow), and the total.
 
         `after` is a decoded cursor; `total` the count when the cache knows it.
         - By cursor: the rows after it, in this query's order.
-        - Searched (`q`), by number: one statement, with the count of all matches
+        - Searched, by number: one statement, with the count of all matches
           beside each row (`count(*) OVER ()`). The search runs once, and the
           planner reads the matches through the trigram indexes instead of walking
           the table in `id` order hoping to meet a rare match soon.
@@ -95,22 +136,22 @@ class BookQuery:
             if total is None:
                 total = await session.scalar(self.count()) or 0
             return list(await session.scalars(self.rows().where(after).limit(size + 1))), total
-        if self.q:
+        if any(self.listing.filters[name].search for name in self.filters):
             counted = self.rows().add_columns(func.count().over())
             result = (
                 await session.execute(counted.offset(offset(page, size)).limit(size + 1))
             ).all()
             if not result:  # past the last page: count the matches on their own
                 return [], await session.scalar(self.count()) or 0
-            return [book for book, _ in result], result[0][1]
+            return [row for row, _ in result], result[0][1]
         if total is None:
             total = await session.scalar(self.count()) or 0
         rows, backwards = self.numbered_page(page, size, total)
-        books = list(await session.scalars(rows))
-        return books[::-1] if backwards else books, total
+        found = list(await session.scalars(rows))
+        return found[::-1] if backwards else found, total
 
-    def numbered_page(self, page: int, size: int, total: int) -> tuple[Select[Book], bool]:
-        """Page `page`'s books plus the one after it, and whether they come in reverse.
+    def numbered_page(self, page: int, size: int, total: int) -> tuple[Select[Any], bool]:
+        """Page `page`'s rows plus the one after it, and whether they come in reverse.
 
         OFFSET walks every row it skips, so a page past the middle is read
         backwards from the end: no page skips more than half of the rows.
@@ -118,7 +159,7 @@ class BookQuery:
         skipped = offset(page, size)
         if skipped <= total // 2:
             return self.rows().offset(skipped).limit(size + 1), False
-        following = total - skipped - size  # books after this page
+        following = total - skipped - size  # rows after this page
         if following > 0:
             return self.rows(backwards=True).offset(following - 1).limit(size + 1), True
         return self.rows(backwards=True).limit(max(size + following, 0)), True
@@ -126,45 +167,54 @@ class BookQuery:
     def after(self, cursor: str) -> ColumnElement[bool]:
         """Rows strictly after the position `cursor` marks, in this query's order."""
         values = self._decode(cursor)
+        model = self.listing.model
         alternatives = []
-        for index, (field, descending) in enumerate(self.order):
-            column = getattr(Book, field)
-            ties = [getattr(Book, f) == values[i] for i, (f, _) in enumerate(self.order[:index])]
+        for index, (name, descending) in enumerate(self.order):
+            column = getattr(model, name)
+            ties = [getattr(model, n) == values[i] for i, (n, _) in enumerate(self.order[:index])]
             beyond = column < values[index] if descending else column > values[index]
             alternatives.append(and_(*ties, beyond))
         return or_(false(), *alternatives)
 
-    def cursor_after(self, book: Book) -> str:
-        """The opaque cursor for the page that follows `book`."""
-        values = [_json_value(getattr(book, field)) for field, _ in self.order]
-        raw = orjson.dumps({"v": values, "q": self._fingerprint()})
+    def cursor_after(self, row: Any) -> str:
+        """The opaque cursor for the page that follows `row`."""
+        values = [_json_value(getattr(row, name)) for name, _ in self.order]
+        raw = orjson.dumps({"v": values, "f": self._fingerprint()})
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
     def page_key(self, size: int, page: int | None, cursor: str | None) -> str:
         """The cache key of one page: the same listing, however its parameters were written."""
         position = f"page={page}" if cursor is None else f"cursor={cursor}"
-        return f"page:{self._fingerprint()}:size={size}:{position}"
+        return f"{self.listing.name}:page:{self._fingerprint()}:size={size}:{position}"
 
     def total_key(self) -> str:
         """The cache key of the count, shared by every sort order and page of these filters."""
-        return f"total:{_digest(self._filters())}"
+        return f"{self.listing.name}:total:{_digest(sorted(self.filters.items()))}"
 
     def _fingerprint(self) -> str:
-        """Ties a cursor to the sort and filters it was made under."""
-        return _digest([self.order, *self._filters()])
+        """Ties a cursor to the sort and the filters in use it was made under (so a
+        filter added to the listing later leaves the cursors that do not use it valid)."""
+        return _digest([self.order, sorted(self.filters.items())])
 
-    def _filters(self) -> list[Any]:
-        return [self.author, self.year, self.q or None]
+    def _first_fingerprint(self) -> str | None:
+        """The fingerprint of a cursor made before cursors were versioned: it listed
+        the listing's filters of the time by position, unset ones as null."""
+        first = self.listing.first_cursor_filters
+        if not first or not set(self.filters) <= set(first):
+            return None
+        return _digest([self.order, *(self.filters.get(name) for name in first)])
 
     def _decode(self, cursor: str) -> list[Any]:
         try:
             raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
             data = orjson.loads(raw)
-            if data["q"] != self._fingerprint() or len(data["v"]) != len(self.order):
+            made_for = data["f"] if "f" in data else data["q"]
+            expected = self._fingerprint() if "f" in data else self._first_fingerprint()
+            if made_for != expected or len(data["v"]) != len(self.order):
                 raise ValueError("cursor made for another listing")
             return [
-                _typed_value(field, value)
-                for (field, _), value in zip(self.order, data["v"], strict=True)
+                self._typed_value(name, value)
+                for (name, _), value in zip(self.order, data["v"], strict=True)
             ]
         except (binascii.Error, ValueError, TypeError, KeyError, orjson.JSONDecodeError):
             raise Problem(
@@ -173,6 +223,23 @@ class BookQuery:
                 "send it back with the same sort and filters.",
                 title="Invalid Cursor",
             ) from None
+
+    def _typed_value(self, name: str, value: Any) -> Any:
+        """A cursor value checked against its column's type, so that a forged cursor is
+        a 400, not a 500."""
+        kind = self.listing.model.__table__.c[name].type.python_type
+        if kind is datetime:
+            moment = datetime.fromisoformat(value)
+            if moment.tzinfo is None:
+                raise ValueError(f"{name} needs a UTC offset")
+            return moment
+        if kind is int:
+            if type(value) is not int or not -(2**31) <= value < 2**31:
+                raise ValueError(f"{name} must be a 32-bit integer")
+            return value
+        if not isinstance(value, kind):
+            raise ValueError(f"{name} must be a {kind.__name__}")
+        return value
 
 
 def offset(page: int, size: int) -> int:
@@ -189,19 +256,3 @@ def _digest(value: Any) -> str:
 
 def _json_value(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
-
-
-def _typed_value(field: str, value: Any) -> Any:
-    """A cursor value checked for its field's type, so a forged cursor is a 400, not a 500."""
-    if field in TIMESTAMPS:
-        moment = datetime.fromisoformat(value)
-        if moment.tzinfo is None:
-            raise ValueError(f"{field} needs a UTC offset")
-        return moment
-    if field in ("id", "year"):
-        if type(value) is not int or not -(2**31) <= value < 2**31:
-            raise ValueError(f"{field} must be a 32-bit integer")
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"{field} must be a string")
-    return value

@@ -2,7 +2,17 @@
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, Dialect, Index, MetaData, String, func
+from sqlalchemy import (
+    BigInteger,
+    Constraint,
+    DateTime,
+    Dialect,
+    Index,
+    MetaData,
+    String,
+    UniqueConstraint,
+    func,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -31,6 +41,10 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime(timezone=True)
     cache_ok = True
 
+    @property
+    def python_type(self) -> type[datetime]:  # TypeDecorator's own answer is `object`
+        return datetime
+
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and dialect.name == "sqlite":
             return value.astimezone(UTC).replace(tzinfo=None)
@@ -49,6 +63,8 @@ def utc_now() -> datetime:
 class Book(Base):
     __tablename__ = "books"
     __table_args__ = (
+        # `info["conflict"]`: what a client is told when a write breaks it (a 409).
+        UniqueConstraint("isbn", info={"conflict": "A book with this ISBN already exists."}),
         # `?q=` is ILIKE '%q%' on PostgreSQL: trigram indexes answer it without a scan.
         *(
             Index(
@@ -69,7 +85,7 @@ class Book(Base):
     title: Mapped[str] = mapped_column(String(300))
     author: Mapped[str] = mapped_column(String(200))
     year: Mapped[int]
-    isbn: Mapped[str | None] = mapped_column(String(13), unique=True)
+    isbn: Mapped[str | None] = mapped_column(String(13))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # Bumped by SQLAlchemy on every UPDATE, which also checks it in the WHERE
@@ -98,3 +114,14 @@ class BookCount(Base):
 
     slot: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     books: Mapped[int] = mapped_column(BigInteger)
+
+
+def conflict_detail(constraint: str | None) -> str | None:
+    """What a client is told when a write breaks `constraint` (named by the naming
+    convention), from the constraint's `info["conflict"]`; None for one without."""
+    for table in Base.metadata.tables.values():
+        candidates: list[Constraint | Index] = [*table.constraints, *table.indexes]
+        for candidate in candidates:
+            if candidate.name == constraint:
+                return candidate.info.get("conflict")
+    return None

@@ -6,9 +6,11 @@ connection in `config.attributes["connection"]` (see `database.py`).
 
 import asyncio
 from logging.config import fileConfig
-from typing import Any
+from typing import Any, Literal
 
+from alembic.autogenerate.api import AutogenContext
 from sqlalchemy.engine import Connection
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from alembic import context
 from database import create_engine
@@ -23,6 +25,24 @@ if config.config_file_name is not None and shared_connection is None:
 target_metadata = Base.metadata
 
 
+def render_type(type_: str, item: Any, autogen_context: AutogenContext) -> str | Literal[False]:
+    """How autogenerate writes a column type into a revision.
+
+    A type of models.py (`UTCDateTime`) is written as the database type it
+    stands for (`sa.DateTime(timezone=True)`): a revision must keep working when
+    models.py changes later, so it never imports models. Any other type from
+    outside SQLAlchemy gets its module imported in the revision.
+    """
+    if type_ != "type" or not isinstance(item, TypeEngine):
+        return False  # Alembic's own rendering
+    if isinstance(item, TypeDecorator):
+        return f"sa.{item.impl_instance!r}"
+    module = type(item).__module__
+    if not module.startswith("sqlalchemy"):
+        autogen_context.imports.add(f"import {module}")
+    return False
+
+
 def run_migrations_offline() -> None:
     """Write the SQL for `alembic upgrade --sql` without connecting."""
     settings = load_settings()
@@ -30,7 +50,6 @@ def run_migrations_offline() -> None:
         url=settings.database_url,
         target_metadata=target_metadata,
         literal_binds=True,
-        render_as_batch=settings.is_sqlite,
     )
     with context.begin_transaction():
         context.run_migrations()
@@ -43,12 +62,17 @@ def do_run_migrations(connection: Connection) -> None:
         """Leave out what models.py creates only on another database (`info["only_on"]`)."""
         return bool(getattr(item, "info", {}).get("only_on", dialect) == dialect)
 
-    # Batch mode lets ALTER-style migrations work on SQLite (copy-and-move).
+    # No batch mode, on SQLite either: SQLite ALTERs what autogenerate writes most
+    # (tables, columns and indexes added, dropped or renamed) in place, while a batch
+    # rebuild of the table would lose its triggers, expression indexes and
+    # AUTOINCREMENT. The few changes SQLite can only make by rebuilding (a column's
+    # type or nullability, a constraint) fail loudly on SQLite; write those with
+    # `database.sqlite_rebuild`, which keeps all of that.
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
-        render_as_batch=dialect == "sqlite",
         include_object=on_this_database,
+        render_item=render_type,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -10,7 +10,7 @@ from responder.testing import AsyncTestClient
 from sqlalchemy import text
 
 from app import api
-from listing import BookQuery
+from books import BOOKS
 from tests.test_books import assert_problem
 
 SORTS = ["id", "-id", "title", "-title", "author,-year", "-year,title", "created_at", "-updated_at"]
@@ -280,7 +280,7 @@ async def test_the_maintained_count_follows_bulk_changes(client: AsyncTestClient
     async def run(sql: str) -> int:
         async with api.state.engine.begin() as connection:
             await connection.execute(text(sql))
-            return int(await connection.scalar(BookQuery(sort="id").count()) or 0)
+            return int(await connection.scalar(BOOKS.query("id", {}).count()) or 0)
 
     copied = await run(
         "INSERT INTO books (title, author, year, created_at, updated_at, version)"

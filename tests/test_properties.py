@@ -12,7 +12,7 @@ from responder import Problem
 from stdnum import ean
 from stdnum import isbn as stdnum_isbn
 
-from listing import SORT_PATTERN, SORTABLE, BookQuery
+from books import BOOKS
 from models import Book
 from schemas import normalize_isbn
 
@@ -79,14 +79,16 @@ def test_any_text_is_an_isbn_or_a_clean_refusal(text: str):
     assert normalised == stdnum_isbn.to_isbn13(stdnum_isbn.compact(text))
 
 
-sort_terms = st.lists(st.tuples(st.sampled_from(SORTABLE), st.booleans()), min_size=1, max_size=8)
+sort_terms = st.lists(
+    st.tuples(st.sampled_from(BOOKS.sortable), st.booleans()), min_size=1, max_size=8
+)
 
 
 @given(sort_terms)
 def test_every_sort_in_the_grammar_orders_by_first_mentions_then_id(terms):
     sort = ",".join(("-" if descending else "") + field for field, descending in terms)
-    assert re.fullmatch(SORT_PATTERN, sort)
-    order = BookQuery(sort=sort).order
+    assert re.fullmatch(BOOKS.sort_pattern, sort)
+    order = BOOKS.query(sort, {}).order
     first_mentions: dict[str, bool] = {}
     for field, descending in terms:
         first_mentions.setdefault(field, descending)
@@ -103,14 +105,14 @@ def test_every_sort_in_the_grammar_orders_by_first_mentions_then_id(terms):
 @example("title ")
 def test_the_sort_grammar_takes_exactly_comma_separated_known_fields(sort: str):
     tokens = sort.split(",")
-    well_formed = all(token.removeprefix("-") in SORTABLE for token in tokens)
-    assert bool(re.fullmatch(SORT_PATTERN, sort)) == well_formed
+    well_formed = all(token.removeprefix("-") in BOOKS.sortable for token in tokens)
+    assert bool(re.fullmatch(BOOKS.sort_pattern, sort)) == well_formed
 
 
-@given(st.sampled_from(SORTABLE), st.text(max_size=60))
+@given(st.sampled_from(BOOKS.sortable), st.text(max_size=60))
 @settings(max_examples=300)
 def test_a_cursor_that_does_not_decode_is_a_400(field: str, cursor: str):
-    query = BookQuery(sort=field)
+    query = BOOKS.query(field, {})
     try:
         query.after(cursor)
     except Problem as problem:
@@ -118,7 +120,7 @@ def test_a_cursor_that_does_not_decode_is_a_400(field: str, cursor: str):
 
 
 @given(
-    st.sampled_from(SORTABLE),
+    st.sampled_from(BOOKS.sortable),
     st.integers(1, 2**31 - 1),
     st.text(min_size=1, max_size=20),
     st.integers(-9999, 9999),
@@ -130,8 +132,8 @@ def test_a_cursor_made_by_a_listing_is_read_back_by_it(field, book_id, text, yea
     book = Book(
         id=book_id, title=text, author=text, year=year, created_at=moment, updated_at=moment
     )
-    query = BookQuery(sort=f"-{field}")
+    query = BOOKS.query(f"-{field}", {})
     cursor = query.cursor_after(book)
     assert query._decode(cursor) == [getattr(book, name) for name, _ in query.order]
     with pytest.raises(Problem):
-        BookQuery(sort=field, q="other")._decode(cursor)  # another listing's cursor
+        BOOKS.query(field, {"q": "other"})._decode(cursor)  # another listing's cursor

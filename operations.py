@@ -1,0 +1,84 @@
+"""What operators use: `/health`, `/metrics` and `/docs`."""
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from responder import Request, Response, Router
+from responder.ext.metrics import MetricsCollector
+from sqlalchemy import text
+
+from database import pool_metrics
+from web import reading, shared_cache
+
+router = Router()
+
+DOCS_PAGE = Path(__file__).with_name("docs.html").read_text()
+HEALTH_CHECK_TIMEOUT = 2.0
+
+
+async def database_check(req: Request) -> None:
+    async with reading(req) as session:
+        await session.execute(text("SELECT 1"))
+
+
+async def cache_check(req: Request) -> None:
+    if not await shared_cache(req).ping():
+        raise ConnectionError("the cache did not answer")
+
+
+async def timed(check: Callable[[Request], Any], req: Request) -> dict[str, Any]:
+    """Run one health check under a timeout; report its status and latency, never its error."""
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(check(req), HEALTH_CHECK_TIMEOUT)
+        status = "ok"
+    except Exception:
+        status = "error"
+    latency_ms = round((time.perf_counter() - started) * 1000, 2)
+    return {"status": status, "latency_ms": latency_ms}
+
+
+@router.get("/health", include_in_schema=False)
+async def health(req: Request, resp: Response) -> None:
+    """200 while the database answers, 503 otherwise; the cache is reported, not required.
+
+    Written out rather than `health_route=`: Responder's version reports no
+    latency, runs checks without a timeout and sends exception text to clients.
+    """
+    checks = {"database": timed(database_check, req)}
+    if shared_cache(req).enabled:
+        checks["cache"] = timed(cache_check, req)
+    results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
+    healthy = results["database"]["status"] == "ok"
+    resp.status_code = 200 if healthy else 503
+    resp.media = {"status": "ok" if healthy else "error", "checks": results}
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs(req: Request, resp: Response) -> None:
+    """The interactive documentation (Swagger UI) of /schema.yml, with no outside assets.
+
+    Written out rather than `docs_route=`: Responder's page loads Swagger UI from a CDN.
+    """
+    resp.html = DOCS_PAGE
+
+
+class ServiceMetrics:
+    """Responder's request metrics, then the database pool and the cache figures.
+
+    Responder's /metrics route renders whatever `api.metrics` is at request time;
+    its middleware keeps recording into the collector wrapped here.
+    """
+
+    def __init__(self, requests: MetricsCollector, state: Any) -> None:
+        self.requests = requests
+        self.state = state  # `api.state`: the engine and cache, once the lifespan has run
+
+    def render(self) -> str:
+        text = self.requests.render()
+        if hasattr(self.state, "engine"):
+            text += pool_metrics(self.state.engine) + self.state.cache.metrics()
+        return text

@@ -1,0 +1,246 @@
+"""What every resource's routes share: problems, sessions per request, ETags and
+preconditions, body checks, and the headers of a page read by cursor."""
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+from responder import Problem, Request, Response
+from responder.ext.auth import BearerAuth
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
+
+from cache import BookCache
+from database import violated_constraint, write_transaction
+from models import conflict_detail
+
+logger = logging.getLogger("books")
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+# Ids are 32-bit integers in the tables; a larger one cannot name anything.
+MAX_ID = 2**31 - 1
+WRITERS_ONLY: list[dict[str, list[str]]] = [{"bearerAuth": []}]  # OpenAPI security
+PROBLEM_SCHEMA = "#/components/schemas/ProblemDetails"  # Responder's problem schema
+
+
+# --- Problems ------------------------------------------------------------------
+
+
+def plain_problem(payload: dict[str, Any]) -> dict[str, Any]:
+    """Every problem body: `detail` always present, `errors` as plain {loc, msg, type}.
+
+    Pydantic's raw errors echo the client's input and may carry exception
+    objects in `ctx`; a 5xx must not describe server-side values at all.
+    """
+    payload.setdefault("detail", payload["title"])
+    errors = payload.pop("errors", None)
+    if errors and payload["status"] < 500:
+        payload["errors"] = [
+            {
+                "loc": [str(part) for part in error.get("loc", ())],
+                "msg": str(error.get("msg", "invalid value")),
+                "type": str(error.get("type", "value_error")),
+            }
+            for error in errors
+        ]
+    return payload
+
+
+def problems(*statuses: int) -> dict[int, dict[str, Any]]:
+    """OpenAPI entries for the problems a route answers beyond Responder's own
+    (400, 404, 405, 413, 422, 500, and 401/403 where tokens are declared)."""
+    content = {"application/problem+json": {"schema": {"$ref": PROBLEM_SCHEMA}}}
+    return {
+        status: {"description": HTTPStatus(status).phrase, "content": content}
+        for status in (*statuses, 503, 504)  # the database away; REQUEST_TIMEOUT
+    }
+
+
+# --- Database errors and sessions ------------------------------------------------
+
+# What the database layer raises when it cannot do its part.
+DATABASE_ERRORS = (DBAPIError, PoolTimeoutError, OSError, TimeoutError)
+# PostgreSQL's code for a statement cancelled by `statement_timeout` (REQUEST_TIMEOUT).
+QUERY_CANCELED = "57014"
+# PostgreSQL's codes for "the server is going away or not there yet": shut down by an
+# operator, crashed, starting up; and the whole class 08, connection exceptions.
+SERVER_GOING_AWAY = ("57P01", "57P02", "57P03", "08")
+
+
+def conflict_problem(error: IntegrityError) -> Problem:
+    """A 409 that names what the request collided with, found by the constraint's name."""
+    name = violated_constraint(error)
+    detail = conflict_detail(name)
+    if detail is None:
+        logger.warning("integrity error on an unmapped constraint: %s", name or "unknown")
+        detail = "The request conflicts with the stored data."
+    return Problem(409, detail, title="Conflict")
+
+
+def database_problem(exc: Exception) -> Problem:
+    """The problem a client sees for a database error (never the error's own text)."""
+    orig = getattr(exc, "orig", None)
+    if isinstance(exc, IntegrityError):
+        return conflict_problem(exc)
+    if isinstance(exc, StaleDataError):  # the version check of an UPDATE found none
+        return Problem(409, "It changed while this request ran; try again.", title="Conflict")
+    if getattr(orig, "sqlite_errorname", None) == "SQLITE_FULL":  # the write was rolled back
+        detail = "The server has no room left to store this; nothing was changed."
+        return Problem(507, detail, title="Insufficient Storage")
+    if getattr(orig, "sqlstate", None) == QUERY_CANCELED:
+        detail = "The request took longer than the server allows."
+        return Problem(504, detail, title="Gateway Timeout")
+    if (
+        not isinstance(exc, DBAPIError)  # refused connection, full pool, connect timeout
+        or isinstance(exc, OperationalError | InterfaceError)
+        or exc.connection_invalidated
+        or str(getattr(orig, "sqlstate", "")).startswith(SERVER_GOING_AWAY)
+    ):
+        detail = "The database is unavailable; try again shortly."
+        return Problem(503, detail, title="Service Unavailable", headers={"Retry-After": "5"})
+    logger.error("database error", exc_info=exc)  # any other driver error is our bug
+    return Problem(500, "Internal Server Error")
+
+
+@asynccontextmanager
+async def database_errors_as_problems() -> AsyncIterator[None]:
+    """Raise `database_problem(...)` for a database error in the block.
+
+    (Raised as a Problem from the request rather than left to an exception
+    handler: Responder 9.2 drops the headers an exception handler sets, and a
+    503 needs its Retry-After.)
+    """
+    try:
+        yield
+    except (*DATABASE_ERRORS, StaleDataError) as exc:
+        raise database_problem(exc) from None
+
+
+async def database_failure(req: Request, resp: Response, exc: Exception) -> None:
+    """Exception handler for a database error outside `reading`/`writing` (none is
+    expected): the same answer."""
+    problem = database_problem(exc)
+    resp.problem(problem.status_code, problem.detail, title=problem.title)
+
+
+@asynccontextmanager
+async def reading(req: Request) -> AsyncIterator[AsyncSession]:
+    """One session for a request that only reads; closing it ends its transaction.
+
+    (No `.begin()`: a read has nothing to commit, and a commit plus the pool's
+    reset would be two more round trips to the driver.)
+    """
+    async with database_errors_as_problems(), req.api.state.async_session() as session:
+        yield session
+
+
+@asynccontextmanager
+async def writing(req: Request) -> AsyncIterator[AsyncSession]:
+    """One session and one transaction for a request that writes: committed as a whole
+    when the block ends, rolled back if anything in it raises."""
+    async with database_errors_as_problems(), write_transaction(req.api.state) as session:
+        yield session
+
+
+def shared_cache(req: Request) -> BookCache:
+    """The shared cache (a no-op without `REDIS_URL`)."""
+    return req.api.state.cache  # type: ignore[no-any-return]
+
+
+# --- ETags and preconditions -----------------------------------------------------
+
+
+def listed(header: list[str], current: str, *, weak: bool) -> bool:
+    """Whether an If-Match / If-None-Match header lists `current` (RFC 9110 §13.1)."""
+    tags = [tag.strip() for line in header for tag in line.split(",")]
+    if "*" in tags:
+        return True
+    if weak:
+        return current in (tag.removeprefix("W/") for tag in tags)
+    return current in tags
+
+
+def check_preconditions(req: Request, current: str, noun: str) -> None:
+    """Refuse a write whose If-Match / If-None-Match does not hold for the stored
+    `noun` (its ETag `current`), before anything changes.
+
+    (Responder's own check runs after the handler, against the new ETag.)
+    """
+    if_match = req.headers.get_list("If-Match")
+    if if_match and not listed(if_match, current, weak=False):
+        raise Problem(412, f"The {noun} has changed since you read it (If-Match).")
+    if_none_match = req.headers.get_list("If-None-Match")
+    if if_none_match and listed(if_none_match, current, weak=True):
+        raise Problem(412, f"The {noun} matches If-None-Match.")
+
+
+# --- Request hooks ------------------------------------------------------------------
+
+
+async def writers_only(req: Request, resp: Response) -> None:
+    """Before-hook of every write: with API_TOKENS set, no known bearer token is a 401,
+    answered before the body is even looked at."""
+    writers: BearerAuth | None = req.api.state.writers
+    if writers is not None:
+        await writers.authenticate(req)
+
+
+def json_body(*media_types: str) -> Callable[[Request, Response], Awaitable[None]]:
+    """A before-hook answering 415 unless the body is one of `media_types` (any charset)."""
+    header = "Accept-Patch" if "application/merge-patch+json" in media_types else "Accept-Post"
+
+    # async, though it awaits nothing: Responder runs a sync hook in a thread pool.
+    async def require(req: Request, resp: Response) -> None:
+        media_type = req.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if media_type not in media_types:
+            raise Problem(
+                415,
+                f"Send the body as {' or '.join(media_types)}.",
+                headers={header: ", ".join(media_types)},
+            )
+
+    return require
+
+
+# --- Listings ---------------------------------------------------------------------
+
+
+def query_parameters(parameters: Mapping[str, tuple[Any, Any]]) -> Callable[[Handler], Handler]:
+    """Add keyword-only query parameters (name: (type, `Query(...)` marker)) to a handler,
+    which receives them in its `**kwargs`.
+
+    Responder parses, validates and documents a handler's parameters from its
+    signature; this lets a listing's filters, declared once as data, be that
+    signature too, instead of a second list written by hand.
+    """
+
+    def add(handler: Handler) -> Handler:
+        signature = inspect.signature(handler)
+        declared = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+        keywords = [p for p in signature.parameters.values() if p.kind == p.VAR_KEYWORD]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=marker, annotation=kind)
+            for name, (kind, marker) in parameters.items()
+        ]
+        handler.__signature__ = signature.replace(parameters=[*declared, *added, *keywords])  # type: ignore[attr-defined]
+        handler.__annotations__ |= {name: kind for name, (kind, _) in parameters.items()}
+        return handler
+
+    return add
+
+
+def set_cursor_headers(req: Request, resp: Response, total: int, next_cursor: str | None) -> None:
+    """`Link` (next by cursor, first by page) and `X-Total-Count` for a page read by cursor."""
+    base = req.full_url.split("?")[0]
+    kept = [(k, v) for k, v in req.params.items() if k not in ("cursor", "page")]
+    links = [f'<{base}?{urlencode([*kept, ("page", "1")])}>; rel="first"']
+    if next_cursor is not None:
+        links.insert(0, f'<{base}?{urlencode([*kept, ("cursor", next_cursor)])}>; rel="next"')
+    resp.headers["Link"] = ", ".join(links)
+    resp.headers["X-Total-Count"] = str(total)
