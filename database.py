@@ -3,6 +3,7 @@
 import asyncio
 import re
 import sqlite3
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
@@ -14,7 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from responder import API
 from sqlalchemy import Connection, Index, QueuePool, UniqueConstraint, event, inspect
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SAWarning
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -297,8 +298,10 @@ def sqlite_rebuild(table: str) -> Iterator[BatchOperations]:
         else None
     )
     options = {"sqlite_autoincrement": autoincrement}
-    with op.batch_alter_table(table, recreate="always", table_kwargs=options) as batch:
-        yield batch
+    with warnings.catch_warnings():  # about the expression indexes, kept below
+        warnings.filterwarnings("ignore", "Skipped unsupported reflection", SAWarning)
+        with op.batch_alter_table(table, recreate="always", table_kwargs=options) as batch:
+            yield batch
     present = {name for (name,) in bind.exec_driver_sql("SELECT name FROM sqlite_master")}
     for name, sql in dependents:
         if name not in present:

@@ -76,6 +76,14 @@ def postgres_url() -> Iterator[str]:
     drop_postgres_database(url)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of either kind (PostgreSQL: created for this test, dropped after)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'books.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture(scope="session")
 def shared_postgres_url() -> Iterator[str | None]:
     """One PostgreSQL database for this run's API tests (tables emptied between tests)."""

@@ -21,14 +21,6 @@ from tests.servers import ROOT, free_port, run, start, wait_until_healthy
 HEAD = ScriptDirectory.from_config(Config(database.ALEMBIC_INI)).get_current_head()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database of either kind (PostgreSQL: created for this test, dropped after)."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'books.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
 def alembic(url: str, *args: str):
     result = run(["-m", "alembic", *args], env={"DATABASE_URL": url})
     assert result.returncode == 0, result.stderr
