@@ -1,7 +1,7 @@
 """The books service: the Responder `api`, and what it is made of.
 
 Run it with `uv run app.py`, or any ASGI server: `uv run uvicorn app:api --workers 4`.
-Each resource's routes live in a module of their own (`books.py`); what they share
+Each resource's routes live in a module of their own (`books.py`, `reviews.py`); what they share
 (problems, sessions, ETags, body checks) in `web.py`; `/health`, `/metrics` and
 `/docs` in `operations.py`; the command line in `cli.py`.
 """
@@ -19,6 +19,7 @@ from responder.ext.logging import setup_logging
 import books
 import cli
 import operations
+import reviews
 from cache import open_cache
 from database import open_database
 from rate_limit import limit_rate, rate_limiter
@@ -92,6 +93,7 @@ for error in DATABASE_ERRORS:
 
 # The resources, one line each.
 api.include_router(books.router)
+api.include_router(reviews.router)
 
 api.include_router(operations.router)
 api.metrics = operations.ServiceMetrics(api.metrics, api.state)  # type: ignore[assignment]

@@ -3,23 +3,24 @@
 from typing import Any
 
 from responder import Problem, Query, Request, Response, Router
-from responder.ext.pagination import paginate, set_pagination_headers
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cache import BOOKS_GENERATION, Entry, book_generation, book_key
-from listing import Filter, Listing, ListingQuery
+from listing import Filter, Listing
 from models import Book, BookCount, utc_now
 from schemas import NO_NUL, BookIn, BookOut, BookPage, BookPatch
 from web import (
     MAX_ID,
     WRITERS_ONLY,
+    apply_changes,
     check_preconditions,
+    etag,
     json_body,
+    listing_page,
     problems,
     query_parameters,
     reading,
-    set_cursor_headers,
     shared_cache,
     writers_only,
     writing,
@@ -61,11 +62,6 @@ BOOKS = Listing(
 )
 
 
-def etag(book: Book) -> str:
-    """A strong ETag: the version SQLAlchemy bumps on every UPDATE."""
-    return f'"{book.id}-{book.version}"'
-
-
 async def find_book(session: AsyncSession, book_id: int, *, for_update: bool = False) -> Book:
     """The book, or a 404; `for_update` locks its row until the transaction ends."""
     book = None
@@ -76,74 +72,11 @@ async def find_book(session: AsyncSession, book_id: int, *, for_update: bool = F
     return book
 
 
-def apply_changes(session: AsyncSession, book: Book, changes: dict[str, Any]) -> None:
-    """Set the fields; a change that changes nothing leaves `updated_at` and the ETag alone."""
-    for name, value in changes.items():
-        setattr(book, name, value)
-    if session.is_modified(book):
-        book.updated_at = utc_now()
-
-
 @router.get("/books", responses=problems(429))
 @query_parameters(BOOKS.parameters())
-async def list_books(
-    req: Request,
-    resp: Response,
-    *,
-    page: int = Query(1, ge=1, description="1-based page number"),
-    size: int = Query(20, ge=1, le=100, description="items per page"),
-    sort: str = Query(
-        "id",
-        pattern=BOOKS.sort_pattern,
-        description=f"comma-separated, `-` for descending: {', '.join(BOOKS.sortable)}",
-    ),
-    cursor: str | None = Query(None, description="`next_cursor` of the previous page"),
-    **filters: Any,
-) -> BookPage:
+async def list_books(req: Request, resp: Response, **parameters: Any) -> BookPage:
     """List books a page at a time, by page number or by cursor."""
-    query = BOOKS.query(sort, filters)
-    after = None if cursor is None else query.after(cursor)  # a bad cursor is a 400 first
-    number = page if cursor is None else None
-    page_key, total_key = query.page_key(size, number, cursor), query.total_key()
-    cache = shared_cache(req)
-    lookup = await cache.lookup(BOOKS_GENERATION, page_key, total_key)
-    cached_page, cached_total = lookup.entries
-    if cached_page is not None:
-        books = BookPage.model_validate_json(cached_page.body)
-    else:
-        total = None if cached_total is None else int(cached_total.body)
-        books = await read_page(req, query, number, size, after, total)
-        if lookup.storable:
-            await cache.store(
-                lookup,
-                {page_key: Entry(books.model_dump_json()), total_key: Entry(str(books.total))},
-            )
-    if cursor is None:
-        set_pagination_headers(req, resp, books)
-    else:
-        set_cursor_headers(req, resp, books.total, books.next_cursor)
-    return books
-
-
-async def read_page(
-    req: Request,
-    query: ListingQuery,
-    page: int | None,
-    size: int,
-    after: ColumnElement[bool] | None,
-    total: int | None,
-) -> BookPage:
-    """One page from the database: by number (`page`) or after a cursor (`after`).
-
-    `total` is the count when the cache already knows it.
-    """
-    async with reading(req) as session:
-        books, total = await query.read(
-            session, page=page or 1, size=size, after=after, total=total
-        )
-    next_cursor = query.cursor_after(books[size - 1]) if len(books) > size else None
-    result = paginate(books[:size], page=page or 1, size=size, total=total)
-    return BookPage(**dict(result) | {"page": page}, next_cursor=next_cursor)
+    return await listing_page(req, resp, BOOKS, BookPage, parameters, generation=BOOKS_GENERATION)
 
 
 @router.post(

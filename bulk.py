@@ -19,7 +19,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
@@ -33,10 +33,12 @@ from sqlalchemy import (
     MetaData,
     Table,
     exists,
+    func,
     insert,
     literal,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.exc import DBAPIError
@@ -52,7 +54,7 @@ from database import (
     create_engine,
     prepare_schema,
 )
-from models import Book, UTCDateTime, utc_now
+from models import Book, Review, UTCDateTime, utc_now
 from schemas import BookIn
 from settings import Settings
 
@@ -77,6 +79,8 @@ INCOMING = Table(
 
 # A record: its line number, and the book it holds or why it holds none.
 Record = tuple[int, BookIn | str]
+# Stores a batch of books in the transaction open on the connection; the lines refused.
+Store = Callable[[AsyncConnection, list[tuple[int, BookIn]], datetime], Awaitable[list[int]]]
 
 
 # What stops a load part-way on the database's side (each batch stored stays stored).
@@ -216,6 +220,32 @@ def plausible_book(number: int) -> dict[str, Any]:
     }
 
 
+REVIEW_TEXTS = [
+    "",
+    "Could not put it down.",
+    "Slow to start, worth it by the end.",
+    "The middle drags; the ending does not.",
+    "I have read it three times.",
+    "Not for me.",
+]
+
+
+def plausible_reviews(book_id: int, number: int, now: datetime) -> list[dict[str, Any]]:
+    """Book `number`'s reviews: none to three, mostly good, by plausible readers."""
+    return [
+        {
+            "book_id": book_id,
+            "reviewer": f"{FIRST_NAMES[(number + k) % 25]} {LAST_NAMES[(number * 7 + k) % 20][0]}.",
+            "rating": (3, 4, 5, 5, 4, 2, 5, 1)[(number + 3 * k) % 8],
+            "text": REVIEW_TEXTS[(number + k) % len(REVIEW_TEXTS)],
+            "created_at": now,
+            "updated_at": now,
+            "version": 1,
+        }
+        for k in range(number % 4)
+    ]
+
+
 def seed_records(count: int) -> Iterator[Record]:
     """`count` plausible books from a random place in the catalogue, numbered from 1.
 
@@ -280,6 +310,40 @@ async def _store_sqlite(
     return [line for line, book in batch if book.isbn in stored]
 
 
+def _reviewed(store: Store) -> Store:
+    """`store`, and then a few plausible reviews for each book it stored."""
+
+    async def storing(
+        connection: AsyncConnection, batch: list[tuple[int, BookIn]], now: datetime
+    ) -> list[int]:
+        conflicts = await store(connection, batch, now)
+        lines = {book.isbn: line for line, book in batch}
+        stored = await connection.execute(
+            select(Book.id, Book.isbn).where(Book.isbn.in_(list(lines)))
+        )
+        ids = {book_id: lines[isbn] for book_id, isbn in stored if isbn is not None}
+        rows = [
+            review for book_id in ids for review in plausible_reviews(book_id, ids[book_id], now)
+        ]
+        if rows:
+            await connection.execute(insert(Review), rows)
+            await connection.execute(
+                update(Book)
+                .where(Book.id.in_(list(ids)))
+                .values(
+                    review_count=select(func.count())
+                    .where(Review.book_id == Book.id)
+                    .scalar_subquery(),
+                    rating_sum=select(func.coalesce(func.sum(Review.rating), 0))
+                    .where(Review.book_id == Book.id)
+                    .scalar_subquery(),
+                )
+            )
+        return conflicts
+
+    return storing
+
+
 def _first_of_each_isbn(
     records: Iterable[Record], reject: Callable[[int, str], None]
 ) -> Iterator[tuple[int, BookIn]]:
@@ -304,11 +368,13 @@ async def load(
     batch_size: int = BATCH_SIZE,
     on_rejected: Callable[[int, str], None],
     on_batch: Callable[[int], None] = lambda line: None,
+    reviews: bool = False,
 ) -> Outcome:
     """Store the valid books of `records`; `on_rejected(line, reason)` hears of the others.
 
     `on_batch(line)` is called after each batch with the last line it covered.
-    With `all_or_nothing`, nothing is stored if any record was rejected.
+    With `all_or_nothing`, nothing is stored if any record was rejected. With
+    `reviews`, each book gets a few plausible reviews too (`seed`).
     """
     outcome = Outcome()
 
@@ -317,6 +383,9 @@ async def load(
         on_rejected(line, reason)
 
     engine = create_engine(settings)
+    store: Store = _store_postgresql if engine.dialect.name == "postgresql" else _store_sqlite
+    if reviews:
+        store = _reviewed(store)
     try:
         await prepare_schema(engine)  # an empty database gets the schema, as the app does
         async with engine.connect() as connection, open_cache(settings) as cache:
@@ -327,10 +396,12 @@ async def load(
                     await connection.run_sync(INCOMING.create)
             books = _first_of_each_isbn(records, reject)
             if not all_or_nothing:
-                await _write(connection, books, batch_size, outcome, reject, on_batch, cache)
+                await _write(connection, books, batch_size, outcome, reject, on_batch, cache, store)
             else:
                 async with connection.begin() as transaction:
-                    await _write(connection, books, batch_size, outcome, reject, on_batch, cache)
+                    await _write(
+                        connection, books, batch_size, outcome, reject, on_batch, cache, store
+                    )
                     if outcome.rejected:
                         await transaction.rollback()
                         outcome.stored = 0
@@ -355,13 +426,13 @@ async def _write(
     reject: Callable[[int, str], None],
     on_batch: Callable[[int], None],
     cache: BookCache,
+    store: Store,
 ) -> None:
     """Store `books` batch by batch, each batch committed unless a transaction is open.
 
     The next batch is read and validated in a thread while the database stores
     this one: the file's parsing and the database's work overlap.
     """
-    store = _store_postgresql if connection.dialect.name == "postgresql" else _store_sqlite
     now = utc_now()
 
     async def commit(batch: list[tuple[int, BookIn]]) -> list[int]:
@@ -480,6 +551,7 @@ def seed(settings: Settings, count: int) -> int:
                 seed_records(count),
                 on_rejected=progress.rejected,
                 on_batch=progress.reached,
+                reviews=True,
             )
         )
     except (KeyboardInterrupt, *DATABASE_FAILURES) as exc:

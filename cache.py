@@ -1,7 +1,8 @@
 """The optional shared cache: read-through entries in Redis, coherent across instances.
 
 Every entry is guarded by a *generation*: a random token stored under its own
-key (one per book, one for every list and total). A reader fetches the
+key (one per book, for the book, its reviews and their pages; one for every list
+of books and total). A reader fetches the
 generation together with the entries in one round trip, and stores what it
 read from the database tagged with the generation it saw *before* that read.
 A writer, after its commit and before its response, gives the generations it
@@ -57,6 +58,11 @@ def book_generation(book_id: int) -> str:
 
 def book_key(book_id: int) -> str:
     return f"book:{book_id}"
+
+
+def review_key(book_id: int, review_id: int) -> str:
+    """A review is guarded by its book's generation, as are the book's review pages."""
+    return f"review:{book_id}:{review_id}"
 
 
 @dataclass(frozen=True)

@@ -275,7 +275,8 @@ def sqlite_rebuild(table: str) -> Iterator[BatchOperations]:
     """`op.batch_alter_table(table)` for a migration step that SQLite can only make by
     rebuilding the table (a column's type or nullability, a constraint), keeping what
     a rebuild would otherwise lose: AUTOINCREMENT and the highest id handed out so far,
-    expression indexes and triggers. Other databases alter the table in place.
+    expression indexes and triggers, and the rows of other tables that refer to it.
+    Other databases alter the table in place.
 
     (Adding, dropping and renaming columns and indexes need no rebuild: SQLite ALTERs
     those, which is why env.py does not make autogenerate write batch mode. Drop an
@@ -289,22 +290,18 @@ def sqlite_rebuild(table: str) -> Iterator[BatchOperations]:
     rows = bind.exec_driver_sql(
         "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = ?", (table,)
     ).all()
-    created = next(sql for kind, _, sql in rows if kind == "table")
-    dependents = [(name, sql) for kind, name, sql in rows if kind != "table" and sql]
-    autoincrement = "AUTOINCREMENT" in created.upper()
-    highest = (
-        bind.exec_driver_sql("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).scalar()
-        if autoincrement
-        else None
-    )
-    options = {"sqlite_autoincrement": autoincrement}
-    with warnings.catch_warnings():  # about the expression indexes, kept below
+    autoincrement = "AUTOINCREMENT" in next(sql for kind, _, sql in rows if kind == "table")
+    highest = bind.exec_driver_sql(
+        "SELECT max(seq) FROM sqlite_sequence WHERE name = ?", (table,)
+    ).scalar()
+    with _foreign_keys_off(bind, table), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Skipped unsupported reflection", SAWarning)
+        options = {"sqlite_autoincrement": autoincrement}
         with op.batch_alter_table(table, recreate="always", table_kwargs=options) as batch:
             yield batch
     present = {name for (name,) in bind.exec_driver_sql("SELECT name FROM sqlite_master")}
-    for name, sql in dependents:
-        if name not in present:
+    for kind, name, sql in rows:  # the triggers and the expression indexes
+        if kind != "table" and sql and name not in present:
             bind.exec_driver_sql(sql)
     if highest is not None:  # the copy restarted the count at the highest id still stored
         rebuilt = bind.exec_driver_sql(
@@ -314,6 +311,28 @@ def sqlite_rebuild(table: str) -> Iterator[BatchOperations]:
         bind.exec_driver_sql(
             "INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, max(highest, rebuilt))
         )
+
+
+@contextmanager
+def _foreign_keys_off(bind: Connection, table: str) -> Iterator[None]:
+    """Foreign keys off while `table` is rebuilt: with them on, dropping the old table
+    deletes every row that refers to it (ON DELETE CASCADE: every review of every book).
+
+    SQLite ignores the switch inside a transaction (the app's own migrations at
+    startup run in one, on an empty database): refuse a table with rows then.
+    """
+    bind.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    still_on = bind.exec_driver_sql("PRAGMA foreign_keys").scalar()
+    if still_on and bind.exec_driver_sql(f'SELECT 1 FROM "{table}" LIMIT 1').first():
+        raise SchemaError(
+            f"rebuilding {table} needs foreign keys off: run it outside a transaction"
+        )
+    try:
+        yield
+    finally:
+        bind.exec_driver_sql("PRAGMA foreign_keys=ON")
+    if broken := bind.exec_driver_sql("PRAGMA foreign_key_check").all():
+        raise SchemaError(f"rebuilding {table} left rows that refer to nothing: {broken[:5]}")
 
 
 @asynccontextmanager

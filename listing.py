@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from responder import Problem
+from responder import Problem, Query
 from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -59,8 +59,22 @@ class Listing:
         return f"^{one}(,{one})*$"
 
     def parameters(self) -> dict[str, tuple[Any, Any]]:
-        """The filters a client sets, as `web.query_parameters` takes them."""
+        """The query parameters of the listing's route (paging, sort, and the filters a
+        client sets), as `web.query_parameters` takes them."""
+        sortable = ", ".join(self.sortable)
         return {
+            "page": (int, Query(1, ge=1, description="1-based page number")),
+            "size": (int, Query(20, ge=1, le=100, description="items per page")),
+            "sort": (
+                str,
+                Query(
+                    "id",
+                    pattern=self.sort_pattern,
+                    description=f"comma-separated, `-` for descending: {sortable}",
+                ),
+            ),
+            "cursor": (str | None, Query(None, description="`next_cursor` of the previous page")),
+        } | {
             name: (item.kind | None, item.query)
             for name, item in self.filters.items()
             if item.query is not None

@@ -1,19 +1,22 @@
 """The database tables, as SQLAlchemy 2.x declarative models."""
 
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Constraint,
     DateTime,
     Dialect,
+    ForeignKey,
     Index,
     MetaData,
     String,
     UniqueConstraint,
     func,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 # Named constraints let Alembic create, find and drop them the same way on every
@@ -91,14 +94,65 @@ class Book(Base):
     # Bumped by SQLAlchemy on every UPDATE, which also checks it in the WHERE
     # clause: the ETag is built from it, and a lost update becomes impossible.
     version: Mapped[int] = mapped_column()
+    # The review figures, kept by each review write in its own transaction (see
+    # reviews.py), so that a page of books costs no statement per book.
+    review_count: Mapped[int] = mapped_column(default=0, server_default="0")
+    rating_sum: Mapped[int] = mapped_column(default=0, server_default="0")
+
+    # lazy="raise": reading `book.reviews` without loading it first is an error at
+    # once, not a query issued behind the code's back (under asyncio, the implicit
+    # query would fail with MissingGreenlet anyway). passive_deletes: deleting a
+    # book leaves its reviews to the database's ON DELETE CASCADE, one statement,
+    # instead of loading them to delete one by one.
+    reviews: Mapped[list["Review"]] = relationship(
+        back_populates="book", lazy="raise", cascade="all, delete-orphan", passive_deletes=True
+    )
 
     __mapper_args__ = {"version_id_col": version}
+
+    @property
+    def rating(self) -> float | None:
+        """The mean rating, rounded half up to 2 decimals; None without reviews."""
+        if not self.review_count:
+            return None
+        mean = Decimal(self.rating_sum) / Decimal(self.review_count)
+        return float(mean.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
 
 
 # The filters, then `id` (the default order): a page of matches is one index range.
 # (`?author=` compares lower() of both sides.)
 Index("ix_books_author_lower_id", func.lower(Book.author), Book.id)
 Index("ix_books_year_id", Book.year, Book.id)
+
+
+class Review(Base):
+    """A reader's review of a book; deleted with its book."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        CheckConstraint("rating BETWEEN 1 AND 5", name="rating_range"),
+        {"sqlite_autoincrement": True},  # a deleted review's id is never handed out again
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    book_id: Mapped[int] = mapped_column(ForeignKey("books.id", ondelete="CASCADE"))
+    reviewer: Mapped[str] = mapped_column(String(100))
+    rating: Mapped[int]
+    text: Mapped[str] = mapped_column(String(5000))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    version: Mapped[int] = mapped_column()
+
+    book: Mapped[Book] = relationship(back_populates="reviews", lazy="raise")
+
+    __mapper_args__ = {"version_id_col": version}
+
+
+# A book's reviews in each order the listing offers (ties by id): one index range each.
+# The first also serves the foreign key, for ON DELETE CASCADE.
+Index("ix_reviews_book_id_id", Review.book_id, Review.id)
+Index("ix_reviews_book_id_rating_id", Review.book_id, Review.rating, Review.id)
+Index("ix_reviews_book_id_created_at_id", Review.book_id, Review.created_at, Review.id)
 
 
 class BookCount(Base):

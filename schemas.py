@@ -2,21 +2,16 @@
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    field_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic_core import PydanticCustomError
 from responder.ext.pagination import Page
 from stdnum import ean
 from stdnum import isbn as stdnum_isbn
 from stdnum.exceptions import ValidationError as IsbnError
+
+Value = TypeVar("Value")
 
 # An ISBN as this API stores and returns it: 13 ASCII digits, a 978/979 prefix.
 STORED_ISBN = re.compile(r"97[89][0-9]{10}")
@@ -73,27 +68,36 @@ class BookIn(BaseModel):
     isbn: Isbn | None = None
 
 
+def not_null(value: Value | None) -> Value:
+    """Defaults are not validated, so this only refuses an explicit null."""
+    if value is None:
+        raise PydanticCustomError("not_null", "may be left out, but not null")
+    return value
+
+
+def not_nullable(schema: dict[str, Any]) -> None:
+    """Document an omittable field as its own type: null is refused, not a value."""
+    (kind,) = [choice for choice in schema.pop("anyOf") if choice.get("type") != "null"]
+    schema.update(kind)
+
+
+# A PATCH field that may be left out but not sent as null (nor documented as nullable).
+Omittable = Annotated[Value | None, AfterValidator(not_null), Field(json_schema_extra=not_nullable)]
+
+
 class BookPatch(BaseModel):
     """The body of PATCH: any subset of the fields; only `isbn` may be null."""
 
     model_config = ConfigDict(extra="forbid")
 
-    title: Title | None = None
-    author: Author | None = None
-    year: Year | None = None
+    title: Omittable[Title] = None
+    author: Omittable[Author] = None
+    year: Omittable[Year] = None
     isbn: Isbn | None = None
-
-    @field_validator("title", "author", "year")
-    @classmethod
-    def _not_null(cls, value: object) -> object:
-        # Defaults are not validated, so this only fires on an explicit null.
-        if value is None:
-            raise PydanticCustomError("not_null", "may be left out, but not null")
-        return value
 
 
 class BookOut(BaseModel):
-    """A book as the API returns it."""
+    """A book as the API returns it, with its review figures."""
 
     model_config = ConfigDict(from_attributes=True)
 
@@ -104,10 +108,66 @@ class BookOut(BaseModel):
     isbn: str | None
     created_at: datetime
     updated_at: datetime
+    review_count: int
+    rating: float | None = Field(description="the mean rating, to 2 decimals; null: no reviews")
 
 
-class BookPage(Page[BookOut]):
-    """A page of books; `page` is null on a page requested by cursor."""
+Reviewer = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=100),
+    AfterValidator(no_nul),
+]
+Rating = Annotated[int, Field(strict=True, ge=1, le=5)]  # strict: a JSON integer only
+ReviewText = Annotated[str, StringConstraints(max_length=5000), AfterValidator(no_nul)]
+
+
+class ReviewIn(BaseModel):
+    """The body of POST /books/{book_id}/reviews."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reviewer: Reviewer
+    rating: Rating
+    text: ReviewText = ""
+
+
+class ReviewPatch(BaseModel):
+    """The body of PATCH: any subset of the fields; none may be null."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reviewer: Omittable[Reviewer] = None
+    rating: Omittable[Rating] = None
+    text: Omittable[ReviewText] = None
+
+
+class ReviewOut(BaseModel):
+    """A review as the API returns it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    book_id: int
+    reviewer: str
+    rating: int
+    text: str
+    created_at: datetime
+    updated_at: datetime
+
+
+Item = TypeVar("Item", bound=BaseModel)
+
+
+class CursorPage(Page[Item], Generic[Item]):
+    """A page of a listing; `page` is null on a page requested by cursor."""
 
     page: int | None  # type: ignore[assignment]
     next_cursor: str | None
+
+
+class BookPage(CursorPage[BookOut]):
+    """A page of books."""
+
+
+class ReviewPage(CursorPage[ReviewOut]):
+    """A page of a book's reviews."""

@@ -11,17 +11,21 @@ from urllib.parse import urlencode
 
 from responder import Problem, Request, Response
 from responder.ext.auth import BearerAuth
+from responder.ext.pagination import paginate, set_pagination_headers
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
-from cache import BookCache
+from cache import BookCache, Entry
 from database import violated_constraint, write_transaction
-from models import conflict_detail
+from listing import Listing, ListingQuery
+from models import conflict_detail, utc_now
+from schemas import CursorPage
 
 logger = logging.getLogger("books")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+PageOf = TypeVar("PageOf", bound=CursorPage[Any])
 
 # Ids are 32-bit integers in the tables; a larger one cannot name anything.
 MAX_ID = 2**31 - 1
@@ -153,7 +157,20 @@ def shared_cache(req: Request) -> BookCache:
     return req.api.state.cache  # type: ignore[no-any-return]
 
 
-# --- ETags and preconditions -----------------------------------------------------
+# --- ETags, preconditions, changes -------------------------------------------------
+
+
+def etag(row: Any) -> str:
+    """A strong ETag for a stored row: the version SQLAlchemy bumps on every UPDATE."""
+    return f'"{row.id}-{row.version}"'
+
+
+def apply_changes(session: AsyncSession, row: Any, changes: dict[str, Any]) -> None:
+    """Set the fields; a change that changes nothing leaves `updated_at` and the ETag alone."""
+    for name, value in changes.items():
+        setattr(row, name, value)
+    if session.is_modified(row):
+        row.updated_at = utc_now()
 
 
 def listed(header: list[str], current: str, *, weak: bool) -> bool:
@@ -233,6 +250,70 @@ def query_parameters(parameters: Mapping[str, tuple[Any, Any]]) -> Callable[[Han
         return handler
 
     return add
+
+
+async def listing_page(
+    req: Request,
+    resp: Response,
+    listing: Listing,
+    page_type: type[PageOf],
+    parameters: Mapping[str, Any],
+    *,
+    generation: str,
+    scope: Mapping[str, Any] | None = None,
+    counted: Callable[[AsyncSession], Awaitable[int]] | None = None,
+) -> PageOf:
+    """One page of `listing` as the query `parameters` ask for it (by number or after a
+    cursor), with its pagination headers.
+
+    From the shared cache when it holds the page under `generation` (whose token
+    every write that changes the listing renews), else from the database.
+    `scope` holds filters the route sets (the book whose reviews are listed);
+    `counted`, if given, finds the total in the database (and may refuse, say with
+    a 404).
+    """
+    filters = {name: parameters.get(name) for name in listing.filters} | dict(scope or {})
+    query = listing.query(parameters["sort"], filters)
+    size, cursor = parameters["size"], parameters["cursor"]
+    after = None if cursor is None else query.after(cursor)  # a bad cursor is a 400 first
+    number = parameters["page"] if cursor is None else None
+    page_key, total_key = query.page_key(size, number, cursor), query.total_key()
+    cache = shared_cache(req)
+    lookup = await cache.lookup(generation, page_key, total_key)
+    cached_page, cached_total = lookup.entries
+    if cached_page is not None:
+        found = page_type.model_validate_json(cached_page.body)
+    else:
+        total = None if cached_total is None else int(cached_total.body)
+        async with reading(req) as session:
+            if counted is not None:
+                total = await counted(session)
+            rows, total = await query.read(
+                session, page=number or 1, size=size, after=after, total=total
+            )
+        found = page_of(page_type, query, rows, number, size, total)
+        if lookup.storable:
+            entries = {page_key: Entry(found.model_dump_json()), total_key: Entry(str(total))}
+            await cache.store(lookup, entries)
+    if cursor is None:
+        set_pagination_headers(req, resp, found)
+    else:
+        set_cursor_headers(req, resp, found.total, found.next_cursor)
+    return found
+
+
+def page_of(
+    page_type: type[PageOf],
+    query: ListingQuery,
+    rows: list[Any],
+    page: int | None,
+    size: int,
+    total: int,
+) -> PageOf:
+    """The page holding `rows` (one more than `size` when more follow)."""
+    next_cursor = query.cursor_after(rows[size - 1]) if len(rows) > size else None
+    result = paginate(rows[:size], page=page or 1, size=size, total=total)
+    return page_type(**dict(result) | {"page": page}, next_cursor=next_cursor)
 
 
 def set_cursor_headers(req: Request, resp: Response, total: int, next_cursor: str | None) -> None:

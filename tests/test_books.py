@@ -104,7 +104,9 @@ async def test_required_fields(client: AsyncTestClient, field):
     assert error_locs(assert_problem(await client.post("/books", json=body), 422)) == {field}
 
 
-@pytest.mark.parametrize("extra", ["id", "created_at", "updated_at", "titel"])
+@pytest.mark.parametrize(
+    "extra", ["id", "created_at", "updated_at", "review_count", "rating", "version", "titel"]
+)
 async def test_unknown_and_server_managed_fields_are_422(client: AsyncTestClient, extra):
     response = await client.post("/books", json={**BOOK, extra: 1})
     assert error_locs(assert_problem(response, 422)) == {extra}

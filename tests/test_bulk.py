@@ -9,7 +9,7 @@ import pytest
 from responder.testing import AsyncTestClient
 
 import bulk
-from schemas import BookIn, BookOut
+from schemas import BookIn, BookOut, ReviewIn
 from settings import Settings
 from tests.servers import free_port, run
 
@@ -160,7 +160,11 @@ async def test_all_or_nothing_rolls_back_when_a_later_batch_conflicts(
 async def test_seed_creates_plausible_valid_books(client: AsyncTestClient, settings: Settings):
     rejected: dict[int, str] = {}
     outcome = await bulk.load(
-        settings, bulk.seed_records(250), on_rejected=rejected.__setitem__, batch_size=100
+        settings,
+        bulk.seed_records(250),
+        on_rejected=rejected.__setitem__,
+        batch_size=100,
+        reviews=True,
     )
     assert (outcome.stored, rejected) == (250, {})
     page = (await client.get("/books", params={"size": 100})).json()
@@ -170,6 +174,17 @@ async def test_seed_creates_plausible_valid_books(client: AsyncTestClient, setti
         assert BookIn.model_validate(body).model_dump() == body  # valid as the API says
     assert len({item["isbn"] for item in page["items"]}) == 100
     assert len({item["author"] for item in page["items"]}) > 50
+    # A few reviews each, valid as the API says, with the figures the books show.
+    reviewed = [item for item in page["items"] if item["review_count"]]
+    assert 50 < len(reviewed) < 100
+    for item in reviewed[:10]:
+        listed = (await client.get(f"/books/{item['id']}/reviews")).json()
+        ratings = [review["rating"] for review in listed["items"]]
+        assert listed["total"] == item["review_count"] == len(ratings)
+        assert item["rating"] == round(sum(ratings) / len(ratings), 2)
+        for review in listed["items"]:
+            fields = {key: review[key] for key in ("reviewer", "rating", "text")}
+            assert ReviewIn.model_validate(fields).model_dump() == fields
 
 
 def test_the_command_reports_lines_and_exits_by_outcome(tmp_path: Path, books_csv: Path):

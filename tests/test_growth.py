@@ -33,7 +33,7 @@ def test_every_book_field_is_a_column_and_in_patch_and_output():
     assert set(BookPatch.model_fields) == fields
     assert fields <= set(BookOut.model_fields)
     assert fields <= set(Book.__table__.c.keys())
-    assert set(BookOut.model_fields) <= set(Book.__table__.c.keys())
+    assert all(hasattr(Book, name) for name in BookOut.model_fields)  # columns, or `rating`
 
 
 def test_the_import_reads_and_stages_every_book_field():
