@@ -6,6 +6,7 @@
     uv run python -m bench import    # `app.py import` of 1M books vs the database's floor
     uv run python -m bench soak      # 10 minutes of mixed traffic: errors, p99, RSS over time
     uv run python -m bench speed --smoke   # seconds: checks the script still works
+    uv run python -m bench speed --baseline main   # and main's app as one more arm
 
 Needs `wrk` (`apt-get install wrk`), the PostgreSQL of BENCH_DATABASE_URL and, for
 the cache, the Redis of BENCH_REDIS_URL. Each run works in a database of its own
@@ -115,7 +116,7 @@ class Database:
                 connection.execute("DELETE FROM books")
                 connection.execute("DELETE FROM sqlite_sequence WHERE name = 'books'")
         else:
-            asyncio.run(execute(self.raw, "TRUNCATE books RESTART IDENTITY"))
+            asyncio.run(execute(self.raw, "TRUNCATE books RESTART IDENTITY CASCADE"))
         self.add(0, books)
 
     def count(self) -> int:
@@ -167,13 +168,14 @@ async def execute(dsn: str, sql: str) -> None:
 
 
 @contextmanager
-def database(kind: str) -> Iterator[Database]:
-    """A database of this run's own, its schema created by the app (as on first start)."""
+def database(kind: str, checkout: Path = ROOT) -> Iterator[Database]:
+    """A database of this run's own, its schema created by the app of `checkout` (as on
+    first start)."""
     if kind == "sqlite":
         with tempfile.TemporaryDirectory() as directory:
             path = f"{directory}/books.db"
             created = Database(f"sqlite+aiosqlite:///{path}", path)
-            with server("app", {"DATABASE_URL": created.url}):
+            with server("app", {"DATABASE_URL": created.url}, checkout):
                 pass
             yield created
         return
@@ -184,19 +186,38 @@ def database(kind: str) -> Iterator[Database]:
     created = Database(dsn, dsn)
     asyncio.run(execute(admin_dsn, f'CREATE DATABASE "{name}"'))
     try:
-        with server("app", {"DATABASE_URL": dsn}):
+        with server("app", {"DATABASE_URL": dsn}, checkout):
             pass
         yield created
     finally:
         asyncio.run(execute(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@contextmanager
+def checkout(ref: str) -> Iterator[Path]:
+    """The project as it is at git `ref` (say `main`), in a worktree of its own, run with
+    this environment: another version of the app to measure beside this one."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "checkout"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(path), ref],
+            cwd=ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT)
+
+
 # --- Servers and load --------------------------------------------------------
 
 
 @contextmanager
-def server(name: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """`SERVERS[name]` under uvicorn, pinned to SERVER_CPU, healthy before it is used."""
+def server(
+    name: str, env: dict[str, str], checkout: Path = ROOT
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`SERVERS[name]` of `checkout` under uvicorn, pinned to SERVER_CPU, healthy before
+    it is used."""
     command = [
         "taskset", "-c", SERVER_CPU, sys.executable, "-m", "uvicorn", SERVERS[name],
         "--port", str(PORT), "--workers", "1", "--loop", "uvloop", "--http", "httptools",
@@ -205,7 +226,7 @@ def server(name: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     probe = "/health" if name == "app" else "/books/1"
     # LOG_LEVEL=warning: no access line per request (a log file is not what is measured).
     environment = {**os.environ, "REDIS_URL": "", "LOG_LEVEL": "warning", **env}
-    process = subprocess.Popen(command, cwd=ROOT, env=environment)
+    process = subprocess.Popen(command, cwd=checkout, env=environment)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -298,12 +319,18 @@ def median(results: list[Result]) -> Result:
 
 
 def run_workloads(
-    name: str, env: dict[str, str], db: Database, workloads: list[str], args: argparse.Namespace
+    name: str,
+    env: dict[str, str],
+    db: Database,
+    workloads: list[str],
+    args: argparse.Namespace,
+    checkout: Path = ROOT,
 ) -> dict[str, Result]:
     """One arm of one round: a freshly seeded table, the server, each workload in turn."""
     db.reset(args.books)
     results = {}
-    with server(name, {"DATABASE_URL": db.url, "REFERENCE_DATABASE": db.raw, **env}) as process:
+    environment = {"DATABASE_URL": db.url, "REFERENCE_DATABASE": db.raw, **env}
+    with server(name, environment, checkout) as process:
         for workload in workloads:
             first_spare = 0
             if workload == "delete":  # rows enough for every request to delete one
@@ -355,15 +382,32 @@ TARGETS = {
 }
 
 
+@dataclass
+class Arm:
+    """One side of a comparison: a server of a checkout, on a database of its own schema."""
+
+    server: str
+    checkout: Path
+    db: Database
+
+
 def speed_benchmark(args: argparse.Namespace) -> None:
-    """Every workload on each database, the app against the bare reference, interleaved."""
+    """Every workload on each database, the app against the bare reference (and, with
+    `--baseline REF`, against the app of REF), interleaved."""
     for kind in args.databases:
         runs: dict[tuple[str, str], list[Result]] = {}
-        with database(kind) as db:
+        with contextlib.ExitStack() as stack:
+            db = stack.enter_context(database(kind))
+            arms = {name: Arm(name, ROOT, db) for name in SERVERS}
+            if args.baseline:
+                before = stack.enter_context(checkout(args.baseline))
+                arms[args.baseline] = Arm(
+                    "app", before, stack.enter_context(database(kind, before))
+                )
             for _ in range(args.rounds):
-                for name in SERVERS:
+                for name, arm in arms.items():
                     for workload, result in run_workloads(
-                        name, {}, db, args.workloads, args
+                        arm.server, {}, arm.db, args.workloads, args, arm.checkout
                     ).items():
                         runs.setdefault((workload, name), []).append(result)
         ratios = report(
@@ -603,6 +647,9 @@ def main() -> None:
     parser.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--smoke", action="store_true", help="1 s runs, 1 round: the script works")
+    parser.add_argument(
+        "--baseline", metavar="REF", help="speed: also measure the app as it is at git REF"
+    )
     args = parser.parse_args()
     # Rows seeded for `delete`: more than the fastest server deletes in a second.
     args.spare_per_second = 20_000
