@@ -24,7 +24,7 @@ from cache import open_cache
 from database import open_database
 from rate_limit import limit_rate, rate_limiter
 from settings import Settings, load_settings
-from web import DATABASE_ERRORS, database_failure, plain_problem
+from web import DATABASE_ERRORS, canonical_ids, database_failure, plain_problem
 
 # Swagger UI's files, from the swagger-ui-py package: /docs needs no CDN.
 SWAGGER_UI_ASSETS = importlib.resources.files("swagger_ui") / "static"
@@ -88,6 +88,7 @@ api.add_security_scheme(
     },
 )
 api.route(before_request=True)(limit_rate)  # before any other hook: a 429 costs little
+api.route(before_request=True)(canonical_ids)
 for error in DATABASE_ERRORS:
     api.add_exception_handler(error, database_failure)
 

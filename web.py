@@ -3,6 +3,7 @@ preconditions, body checks, and the headers of a page read by cursor."""
 
 import inspect
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -29,6 +30,7 @@ PageOf = TypeVar("PageOf", bound=CursorPage[Any])
 
 # Ids are 32-bit integers in the tables; a larger one cannot name anything.
 MAX_ID = 2**31 - 1
+CANONICAL_ID = re.compile(r"[1-9][0-9]{0,9}")
 WRITERS_ONLY: list[dict[str, list[str]]] = [{"bearerAuth": []}]  # OpenAPI security
 PROBLEM_SCHEMA = "#/components/schemas/ProblemDetails"  # Responder's problem schema
 
@@ -198,6 +200,19 @@ def check_preconditions(req: Request, current: str, noun: str) -> None:
 
 
 # --- Request hooks ------------------------------------------------------------------
+
+
+async def canonical_ids(req: Request, resp: Response) -> None:
+    """Before every request: only the canonical spelling of an id addresses a resource.
+
+    Responder's `{name:int}` takes any run of Unicode decimal digits, so `/books/01`,
+    `/books/\u0661` (Arabic-Indic) and `/books/\uff11` (fullwidth) would all be book 1, and a
+    number past the tables' 32-bit ids would reach the database. A path segment of
+    decimal digits must be a plain ASCII number from 1 to MAX_ID, or it names nothing.
+    """
+    for segment in req.url.path.split("/"):
+        if segment.isdecimal() and not (CANONICAL_ID.fullmatch(segment) and int(segment) <= MAX_ID):
+            raise Problem(404, f"Nothing is found at {req.url.path}: ids are 1 to {MAX_ID}.")
 
 
 async def writers_only(req: Request, resp: Response) -> None:
