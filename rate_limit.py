@@ -7,14 +7,13 @@ does not answer within the cache's time bound: Redis trouble costs precision,
 never a failed request.
 """
 
-import asyncio
 import logging
 
 from redis.exceptions import RedisError
 from responder import Request, Response
 from responder.ext.ratelimit import AsyncRedisBackend, MemoryBackend, RateLimiter
 
-from cache import CALL_TIMEOUT, BookCache
+from cache import CALL_TIMEOUT, BookCache, within
 from settings import Settings
 
 logger = logging.getLogger("books")
@@ -36,8 +35,8 @@ class ClientCounts:
         local: tuple[bool, int, float] = self.local.hit(key, max_requests, period)
         if self.shared is not None and not self.cache.bypassed:
             try:
-                async with asyncio.timeout(CALL_TIMEOUT):
-                    allowed, remaining, reset = await self.shared.ahit(key, max_requests, period)
+                hit = self.shared.ahit(key, max_requests, period)
+                allowed, remaining, reset = await within(hit, CALL_TIMEOUT)
                 return allowed, remaining, reset
             except (RedisError, OSError, TimeoutError) as exc:
                 logger.warning(
