@@ -24,7 +24,7 @@ from cache import open_cache
 from database import open_database
 from rate_limit import limit_rate, rate_limiter
 from settings import Settings, load_settings
-from web import DATABASE_ERRORS, canonical_ids, database_failure, plain_problem
+from web import DATABASE_ERRORS, HttpRules, canonical_ids, database_failure, plain_problem
 
 # Swagger UI's files, from the swagger-ui-py package: /docs needs no CDN.
 SWAGGER_UI_ASSETS = importlib.resources.files("swagger_ui") / "static"
@@ -68,6 +68,8 @@ api = API(
     problem_handler=plain_problem,
     sessions=False,  # a stateless JSON API: no cookie sessions
     gzip=False,  # compression belongs to the proxy in front, not to every worker
+    # Resources have one representation, JSON (see below): they do not vary on Accept.
+    auto_vary=False,
     # CORS is fixed when the process starts (the request timeout is set in `lifespan`).
     cors=bool(settings.cors_origins),
     cors_params={
@@ -79,6 +81,11 @@ api = API(
     },
 )
 api.state.settings = settings
+# One representation per resource: Responder would also answer `Accept: application/yaml`
+# (or msgpack) with the same strong ETag as the JSON, which RFC 9110 §8.8.1 forbids.
+del api.formats["yaml"], api.formats["msgpack"]
+# Protocol rules below the routes: Host, request-target length, problems, Cache-Control.
+api.add_middleware(HttpRules)
 api.add_security_scheme(
     "bearerAuth",
     {
@@ -97,6 +104,7 @@ api.include_router(books.router)
 api.include_router(reviews.router)
 
 api.include_router(operations.router)
+api.after_request(operations.schema_varies_on_accept)
 api.metrics = operations.ServiceMetrics(api.metrics, api.state)  # type: ignore[assignment]
 
 

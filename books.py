@@ -9,9 +9,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cache import BOOKS_GENERATION, Entry, book_generation, book_key
 from listing import Filter, Listing
 from models import Book, BookCount, utc_now
-from schemas import NO_NUL, BookIn, BookOut, BookPage, BookPatch
+from schemas import AUTHOR_LENGTH, NO_NUL, TITLE_LENGTH, BookIn, BookOut, BookPage, BookPatch
 from web import (
     WRITERS_ONLY,
+    answer_read,
+    answer_write,
     apply_changes,
     check_preconditions,
     etag,
@@ -34,7 +36,9 @@ BOOKS = Listing(
     filters={
         "author": Filter(
             str,
-            Query(None, pattern=NO_NUL, description="exact author, any case"),
+            Query(
+                None, pattern=NO_NUL, max_length=AUTHOR_LENGTH, description="exact author, any case"
+            ),
             lambda author: func.lower(Book.author) == func.lower(author),
         ),
         "year": Filter(
@@ -44,7 +48,13 @@ BOOKS = Listing(
         ),
         "q": Filter(
             str,
-            Query(None, pattern=NO_NUL, description="substring of title or author, any case"),
+            # Longer than a title or an author, it can match nothing: a 422, not a search.
+            Query(
+                None,
+                pattern=NO_NUL,
+                max_length=max(TITLE_LENGTH, AUTHOR_LENGTH),
+                description="substring of title or author, any case",
+            ),
             # autoescape: %, _ and the escape character itself match literally.
             lambda q: or_(
                 Book.title.icontains(q, autoescape=True), Book.author.icontains(q, autoescape=True)
@@ -91,24 +101,26 @@ async def create_book(req: Request, resp: Response, *, book: BookIn) -> BookOut:
         session.add(created)
     await shared_cache(req).invalidate()
     resp.headers["Location"] = f"/books/{created.id}"
-    resp.headers["ETag"] = etag(created)
+    answer_write(resp, created)
     return BookOut.model_validate(created)
 
 
 @router.get("/books/{book_id:int}", responses={304: "Not Modified", **problems(429)})
 async def get_book(req: Request, resp: Response, *, book_id: int) -> BookOut:
-    """One book, with its ETag; `If-None-Match` with that ETag answers 304."""
+    """One book, with its ETag and Last-Modified (a matching `If-None-Match`, or an
+    `If-Modified-Since` it is not newer than, answers 304)."""
     cache = shared_cache(req)
     lookup = await cache.lookup(book_generation(book_id), book_key(book_id))
-    if (cached := lookup.entries[0]) is not None:
-        resp.etag = cached.etag
-        return BookOut.model_validate_json(cached.body)
-    async with reading(req) as session:
-        book = await find_book(session, book_id)
-    found = BookOut.model_validate(book)
-    resp.etag = etag(book)
-    if lookup.storable:
-        await cache.store(lookup, {book_key(book_id): Entry(found.model_dump_json(), resp.etag)})
+    if (cached := lookup.entries[0]) is not None and cached.etag is not None:
+        found, current = BookOut.model_validate_json(cached.body), cached.etag
+    else:
+        async with reading(req) as session:
+            book = await find_book(session, book_id)
+        found, current = BookOut.model_validate(book), etag(book)
+        if lookup.storable:
+            entry = Entry(found.model_dump_json(), current)
+            await cache.store(lookup, {book_key(book_id): entry})
+    answer_read(req, resp, current, found.updated_at, "book")
     return found
 
 
@@ -122,10 +134,10 @@ async def replace_book(req: Request, resp: Response, *, book_id: int, book: Book
     """Replace a book whole; a field left out (`isbn`) is cleared."""
     async with writing(req) as session:
         stored = await find_book(session, book_id, for_update=True)
-        check_preconditions(req, etag(stored), "book")
+        check_preconditions(req, etag(stored), stored.updated_at, "book")
         apply_changes(session, stored, book.model_dump())
     await shared_cache(req).invalidate(book_id)
-    resp.headers["ETag"] = etag(stored)
+    answer_write(resp, stored)
     return BookOut.model_validate(stored)
 
 
@@ -139,10 +151,10 @@ async def update_book(req: Request, resp: Response, *, book_id: int, patch: Book
     """Change some fields of a book; `"isbn": null` clears the ISBN."""
     async with writing(req) as session:
         stored = await find_book(session, book_id, for_update=True)
-        check_preconditions(req, etag(stored), "book")
+        check_preconditions(req, etag(stored), stored.updated_at, "book")
         apply_changes(session, stored, patch.model_dump(exclude_unset=True))
     await shared_cache(req).invalidate(book_id)
-    resp.headers["ETag"] = etag(stored)
+    answer_write(resp, stored)
     return BookOut.model_validate(stored)
 
 
@@ -157,6 +169,6 @@ async def delete_book(req: Request, resp: Response, *, book_id: int) -> None:
     """Delete a book; its id is never used again."""
     async with writing(req) as session:
         book = await find_book(session, book_id, for_update=True)
-        check_preconditions(req, etag(book), "book")
+        check_preconditions(req, etag(book), book.updated_at, "book")
         await session.delete(book)
     await shared_cache(req).invalidate(book_id)

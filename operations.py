@@ -66,6 +66,13 @@ async def docs(req: Request, resp: Response) -> None:
     resp.html = DOCS_PAGE
 
 
+async def schema_varies_on_accept(req: Request, resp: Response) -> None:
+    """After every request: /schema.yml is YAML, or JSON on `Accept: application/json`,
+    so it says that it varies on Accept (caches must not serve one for the other)."""
+    if req.url.path == req.api.openapi.openapi_route:
+        resp.vary("Accept")
+
+
 class ServiceMetrics:
     """Responder's request metrics, then the database pool and the cache figures.
 

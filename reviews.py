@@ -20,6 +20,8 @@ from models import Book, Review, utc_now
 from schemas import ReviewIn, ReviewOut, ReviewPage, ReviewPatch
 from web import (
     WRITERS_ONLY,
+    answer_read,
+    answer_write,
     apply_changes,
     check_preconditions,
     etag,
@@ -111,7 +113,7 @@ async def create_review(
         recount(book, now, reviews=1, ratings=review.rating)
     await shared_cache(req).invalidate(book_id)
     resp.headers["Location"] = f"/books/{book_id}/reviews/{created.id}"
-    resp.headers["ETag"] = etag(created)
+    answer_write(resp, created)
     return ReviewOut.model_validate(created)
 
 
@@ -120,19 +122,19 @@ async def create_review(
     responses={304: "Not Modified", **problems(429)},
 )
 async def get_review(req: Request, resp: Response, *, book_id: int, review_id: int) -> ReviewOut:
-    """One review, with its ETag; `If-None-Match` with that ETag answers 304."""
+    """One review, with its ETag and Last-Modified (conditional GETs as for books)."""
     cache = shared_cache(req)
     key = review_key(book_id, review_id)
     lookup = await cache.lookup(book_generation(book_id), key)
-    if (cached := lookup.entries[0]) is not None:
-        resp.etag = cached.etag
-        return ReviewOut.model_validate_json(cached.body)
-    async with reading(req) as session:
-        review = await find_review(session, book_id, review_id)
-    found = ReviewOut.model_validate(review)
-    resp.etag = etag(review)
-    if lookup.storable:
-        await cache.store(lookup, {key: Entry(found.model_dump_json(), resp.etag)})
+    if (cached := lookup.entries[0]) is not None and cached.etag is not None:
+        found, current = ReviewOut.model_validate_json(cached.body), cached.etag
+    else:
+        async with reading(req) as session:
+            review = await find_review(session, book_id, review_id)
+        found, current = ReviewOut.model_validate(review), etag(review)
+        if lookup.storable:
+            await cache.store(lookup, {key: Entry(found.model_dump_json(), current)})
+    answer_read(req, resp, current, found.updated_at, "review")
     return found
 
 
@@ -149,13 +151,13 @@ async def update_review(
     async with writing(req) as session:
         book = await find_book(session, book_id, for_update=True)
         stored = await find_review(session, book_id, review_id)
-        check_preconditions(req, etag(stored), "review")
+        check_preconditions(req, etag(stored), stored.updated_at, "review")
         rated = stored.rating
         apply_changes(session, stored, patch.model_dump(exclude_unset=True))
         if stored.rating != rated:
             recount(book, stored.updated_at, reviews=0, ratings=stored.rating - rated)
     await shared_cache(req).invalidate(book_id)
-    resp.headers["ETag"] = etag(stored)
+    answer_write(resp, stored)
     return ReviewOut.model_validate(stored)
 
 
@@ -171,7 +173,7 @@ async def delete_review(req: Request, resp: Response, *, book_id: int, review_id
     async with writing(req) as session:
         book = await find_book(session, book_id, for_update=True)
         review = await find_review(session, book_id, review_id)
-        check_preconditions(req, etag(review), "review")
+        check_preconditions(req, etag(review), review.updated_at, "review")
         await session.delete(review)
         recount(book, utc_now(), reviews=-1, ratings=-review.rating)
     await shared_cache(req).invalidate(book_id)

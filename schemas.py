@@ -40,14 +40,15 @@ def no_nul(value: str) -> str:
     return value
 
 
+TITLE_LENGTH, AUTHOR_LENGTH = 300, 200  # characters, after trimming
 Title = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=300),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_LENGTH),
     AfterValidator(no_nul),
 ]
 Author = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=AUTHOR_LENGTH),
     AfterValidator(no_nul),
 ]
 # For query parameters, which Responder checks with a pattern.

@@ -6,11 +6,15 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from http import HTTPStatus
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
+import orjson
 from responder import Problem, Request, Response
+from responder.errors import problem_payload_for
 from responder.ext.auth import BearerAuth
 from responder.ext.pagination import paginate, set_pagination_headers
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -74,9 +78,18 @@ def problems(*statuses: int) -> dict[int, dict[str, Any]]:
 DATABASE_ERRORS = (DBAPIError, PoolTimeoutError, OSError, TimeoutError)
 # PostgreSQL's code for a statement cancelled by `statement_timeout` (REQUEST_TIMEOUT).
 QUERY_CANCELED = "57014"
-# PostgreSQL's codes for "the server is going away or not there yet": shut down by an
-# operator, crashed, starting up; and the whole class 08, connection exceptions.
-SERVER_GOING_AWAY = ("57P01", "57P02", "57P03", "08")
+# PostgreSQL's codes for "not now, try again": connection exceptions (class 08), too
+# few resources (53: too many connections), the server going away or not there yet
+# (57P01-03), a write on a read-only server (25006: a standby, a demoted primary),
+# serialization and recovery conflicts (40001) and deadlocks (40P01).
+POSTGRESQL_UNAVAILABLE = ("08", "53", "57P01", "57P02", "57P03", "25006", "40001", "40P01")
+# SQLite's result codes for the same (extended codes start with these): the file
+# locked, unreadable or read-only, the disk failing. Any other SQLite error, like
+# "LIKE or GLOB pattern too complex", is not the database being away.
+SQLITE_UNAVAILABLE = (
+    "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_IOERR",
+    "SQLITE_PROTOCOL", "SQLITE_NOMEM",
+)  # fmt: skip
 
 
 def conflict_problem(error: IntegrityError) -> Problem:
@@ -92,26 +105,43 @@ def conflict_problem(error: IntegrityError) -> Problem:
 def database_problem(exc: Exception) -> Problem:
     """The problem a client sees for a database error (never the error's own text)."""
     orig = getattr(exc, "orig", None)
+    sqlstate, sqlite_error = (
+        getattr(orig, "sqlstate", None),
+        getattr(orig, "sqlite_errorname", None),
+    )
     if isinstance(exc, IntegrityError):
         return conflict_problem(exc)
     if isinstance(exc, StaleDataError):  # the version check of an UPDATE found none
         return Problem(409, "It changed while this request ran; try again.", title="Conflict")
-    if getattr(orig, "sqlite_errorname", None) == "SQLITE_FULL":  # the write was rolled back
+    if sqlite_error == "SQLITE_FULL":  # the write was rolled back
         detail = "The server has no room left to store this; nothing was changed."
         return Problem(507, detail, title="Insufficient Storage")
-    if getattr(orig, "sqlstate", None) == QUERY_CANCELED:
+    if sqlstate == QUERY_CANCELED:
         detail = "The request took longer than the server allows."
         return Problem(504, detail, title="Gateway Timeout")
-    if (
-        not isinstance(exc, DBAPIError)  # refused connection, full pool, connect timeout
-        or isinstance(exc, OperationalError | InterfaceError)
-        or exc.connection_invalidated
-        or str(getattr(orig, "sqlstate", "")).startswith(SERVER_GOING_AWAY)
-    ):
+    if database_unavailable(exc):
+        # Once, with its cause, and never the error's text (it may hold parameters).
+        logger.warning(
+            "database unavailable (503): %s", sqlstate or sqlite_error or type(exc).__name__
+        )
         detail = "The database is unavailable; try again shortly."
         return Problem(503, detail, title="Service Unavailable", headers={"Retry-After": "5"})
     logger.error("database error", exc_info=exc)  # any other driver error is our bug
     return Problem(500, "Internal Server Error")
+
+
+def database_unavailable(exc: Exception) -> bool:
+    """Whether a database error means "not now" (a 503), not a fault of the request's."""
+    if not isinstance(exc, DBAPIError):  # refused connection, full pool, connect timeout
+        return True
+    orig = exc.orig
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+        return True
+    if (sqlite_error := getattr(orig, "sqlite_errorname", None)) is not None:
+        return str(sqlite_error).startswith(SQLITE_UNAVAILABLE)
+    if (sqlstate := getattr(orig, "sqlstate", None)) is not None:
+        return str(sqlstate).startswith(POSTGRESQL_UNAVAILABLE)
+    return isinstance(exc, OperationalError)  # a driver error without a code: the connection
 
 
 @asynccontextmanager
@@ -185,18 +215,57 @@ def listed(header: list[str], current: str, *, weak: bool) -> bool:
     return current in tags
 
 
-def check_preconditions(req: Request, current: str, noun: str) -> None:
-    """Refuse a write whose If-Match / If-None-Match does not hold for the stored
-    `noun` (its ETag `current`), before anything changes.
+def http_date(moment: datetime) -> str:
+    """`moment` as an HTTP-date (RFC 9110 §5.6.7): whole seconds, GMT."""
+    return format_datetime(moment.astimezone(UTC), usegmt=True)
 
-    (Responder's own check runs after the handler, against the new ETag.)
+
+def check_preconditions(req: Request, current: str, modified: datetime, noun: str) -> None:
+    """Refuse (412) a request whose preconditions fail for the stored `noun`, whose ETag
+    is `current` and which last changed at `modified`: before anything changes, or, for
+    a read, before it is answered. RFC 9110 §13.2.2's order: If-Match, else
+    If-Unmodified-Since; then, on a write, If-None-Match. (A read's If-None-Match and
+    If-Modified-Since are 304s, which Responder answers from `resp.etag` and
+    `resp.last_modified`; Responder's own check of a write's preconditions runs after
+    the handler, against the new ETag.)
     """
     if_match = req.headers.get_list("If-Match")
+    since = http_date_in(req.headers.get("If-Unmodified-Since"))
     if if_match and not listed(if_match, current, weak=False):
         raise Problem(412, f"The {noun} has changed since you read it (If-Match).")
+    if not if_match and since is not None and modified.replace(microsecond=0) > since:
+        raise Problem(412, f"The {noun} has changed since then (If-Unmodified-Since).")
     if_none_match = req.headers.get_list("If-None-Match")
-    if if_none_match and listed(if_none_match, current, weak=True):
+    a_write = req.method not in ("GET", "HEAD")
+    if a_write and if_none_match and listed(if_none_match, current, weak=True):
         raise Problem(412, f"The {noun} matches If-None-Match.")
+
+
+def http_date_in(header: str | None) -> datetime | None:
+    """An HTTP-date header's moment; None if absent or invalid (then it is ignored)."""
+    try:
+        moment = parsedate_to_datetime(header) if header else None
+    except (TypeError, ValueError):
+        return None
+    if moment is not None and moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
+
+
+def answer_read(req: Request, resp: Response, current: str, modified: datetime, noun: str) -> None:
+    """A read's preconditions (412), then its validators: Responder answers a matching
+    If-None-Match or an If-Modified-Since the representation is not newer than with 304."""
+    check_preconditions(req, current, modified, noun)
+    resp.etag = current
+    resp.last_modified = modified
+
+
+def answer_write(resp: Response, row: Any) -> None:
+    """The validators of a row just written, as headers on the write's response (as
+    `resp.etag`, Responder would check the request's preconditions once more, against
+    the new ETag)."""
+    resp.headers["ETag"] = etag(row)
+    resp.headers["Last-Modified"] = http_date(row.updated_at)
 
 
 # --- Request hooks ------------------------------------------------------------------
@@ -340,3 +409,103 @@ def set_cursor_headers(req: Request, resp: Response, total: int, next_cursor: st
         links.insert(0, f'<{base}?{urlencode([*kept, ("cursor", next_cursor)])}>; rel="next"')
     resp.headers["Link"] = ", ".join(links)
     resp.headers["X-Total-Count"] = str(total)
+
+
+# --- Below the routes ---------------------------------------------------------------
+
+# Request targets longer than this are a 414 (RFC 9112 §3 asks servers for 8,000 octets at
+# least). The ASGI server refuses, with its own 400, requests past its buffer (64 KiB).
+MAX_TARGET_BYTES = 8192
+# A Host header: a name, an IPv4 address or a bracketed IP literal, and an optional port.
+HOST = re.compile(r"([A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{0,5})?")
+JSON_TYPES = (b"application/json", b"application/problem+json")
+
+
+class HttpRules:
+    """ASGI middleware for what happens below the routes, where no handler shapes the
+    answer:
+
+    - a request with no `Host`, with several, or with an invalid one is a 400 (RFC 9112
+      §3.2; HTTP/1.0 may leave it out), and a request target over MAX_TARGET_BYTES is a
+      414: both as problems;
+    - an error answered below the routes in some other form (a refused CORS preflight
+      is a `text/plain` 400 from Starlette) becomes a problem with the same status,
+      its text as the detail;
+    - a response that says nothing about caching gets `Cache-Control: no-cache` (a cache
+      may keep it but must revalidate it, with its ETag or Last-Modified) or, for an
+      error, `no-store`: shared caches must not guess a freshness of their own.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = refused(scope)
+        if refusal is not None:
+            await send_problem(scope, send, *refusal)
+            return
+        await self.app(scope, receive, ProblemsAndCaching(scope, send))
+
+
+def refused(scope: Any) -> tuple[int, str] | None:
+    """The status and detail for a request the protocol rules refuse, if they do."""
+    target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    if target > MAX_TARGET_BYTES:
+        return 414, f"The request target is longer than {MAX_TARGET_BYTES} bytes."
+    hosts = [value for name, value in scope["headers"] if name == b"host"]
+    if scope.get("http_version") == "1.0" and not hosts:
+        return None
+    if len(hosts) != 1:
+        return 400, "A request needs exactly one Host header."
+    if not HOST.fullmatch(hosts[0].decode("latin-1")):
+        return 400, "The Host header is not a valid host."
+    return None
+
+
+async def send_problem(scope: Any, send: Any, status: int, detail: str) -> None:
+    """Answer with a problem (request ID and `problem_handler` applied, as Responder does)."""
+    payload = problem_payload_for(scope, status, detail)
+    body = orjson.dumps(payload)
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ProblemsAndCaching:
+    """The `send` of HttpRules: error responses that are not JSON are held and replaced
+    by a problem; every response gets a default Cache-Control."""
+
+    def __init__(self, scope: Any, send: Any) -> None:
+        self.scope = scope
+        self.send = send
+        self.held: dict[str, Any] | None = None  # the start of a response being replaced
+        self.text = b""
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers", []))
+            content_type = headers.get(b"content-type", b"").split(b";")[0].strip()
+            if message["status"] >= 400 and content_type not in JSON_TYPES:
+                self.held = message
+                return
+            if b"cache-control" not in headers:
+                default = b"no-cache" if message["status"] < 400 else b"no-store"
+                message["headers"] = [*message.get("headers", []), (b"cache-control", default)]
+        elif message["type"] == "http.response.body" and self.held is not None:
+            self.text += message.get("body", b"")
+            if not message.get("more_body", False):
+                status = self.held["status"]
+                detail = self.text.decode("utf-8", "replace").strip()
+                await send_problem(
+                    self.scope, self.send, status, detail or HTTPStatus(status).phrase
+                )
+            return
+        await self.send(message)
