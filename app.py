@@ -22,6 +22,7 @@ import operations
 import reviews
 from cache import open_cache
 from database import open_database
+from openapi import HttpConventions
 from rate_limit import limit_rate, rate_limiter
 from settings import Settings, load_settings
 from web import DATABASE_ERRORS, HttpRules, canonical_ids, database_failure, plain_problem
@@ -54,6 +55,7 @@ api = API(
     version="1.0.0",
     description="A books catalogue: Responder, async SQLAlchemy, Alembic.",
     openapi="3.1.0",  # the document at /schema.yml; /docs is served by operations.py, offline
+    openapi_servers=[{"url": "/", "description": "the server that serves this document"}],
     static_dir=str(SWAGGER_UI_ASSETS),
     static_route="/docs/assets",
     metrics_route="/metrics",
@@ -81,6 +83,7 @@ api = API(
     },
 )
 api.state.settings = settings
+api.openapi.plugins.append(HttpConventions())  # the headers every route has, documented
 # One representation per resource: Responder would also answer `Accept: application/yaml`
 # (or msgpack) with the same strong ETag as the JSON, which RFC 9110 §8.8.1 forbids.
 del api.formats["yaml"], api.formats["msgpack"]

@@ -105,7 +105,7 @@ async def create_book(req: Request, resp: Response, *, book: BookIn) -> BookOut:
     return BookOut.model_validate(created)
 
 
-@router.get("/books/{book_id:int}", responses={304: "Not Modified", **problems(429)})
+@router.get("/books/{book_id:int}", responses={304: "Not Modified", **problems(412, 429)})
 async def get_book(req: Request, resp: Response, *, book_id: int) -> BookOut:
     """One book, with its ETag and Last-Modified (a matching `If-None-Match`, or an
     `If-Modified-Since` it is not newer than, answers 304)."""

@@ -119,7 +119,7 @@ async def create_review(
 
 @router.get(
     "/books/{book_id:int}/reviews/{review_id:int}",
-    responses={304: "Not Modified", **problems(429)},
+    responses={304: "Not Modified", **problems(412, 429)},
 )
 async def get_review(req: Request, resp: Response, *, book_id: int, review_id: int) -> ReviewOut:
     """One review, with its ETag and Last-Modified (conditional GETs as for books)."""

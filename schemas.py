@@ -14,7 +14,7 @@ from stdnum.exceptions import ValidationError as IsbnError
 Value = TypeVar("Value")
 
 # An ISBN as this API stores and returns it: 13 ASCII digits, a 978/979 prefix.
-STORED_ISBN = re.compile(r"97[89][0-9]{10}")
+STORED_ISBN = re.compile(r"^97[89][0-9]{10}$")
 
 
 def normalize_isbn(value: str) -> str:
@@ -55,7 +55,19 @@ Author = Annotated[
 NO_NUL = r"^[^\x00]*$"
 # strict: a JSON integer only; "1999", 1999.0 and true are all rejected.
 Year = Annotated[int, Field(strict=True, ge=-9999, le=9999)]
-Isbn = Annotated[str, AfterValidator(normalize_isbn)]
+# Documented with the pattern of what it takes (10 or 13 digits, an ISBN-10 may end in X,
+# hyphens and spaces anywhere); the check digit is verified too. Stored and returned as
+# its 13 digits (STORED_ISBN).
+Isbn = Annotated[
+    str,
+    AfterValidator(normalize_isbn),
+    Field(
+        json_schema_extra={
+            "pattern": r"^[ -]*(?:[0-9][ -]*){9}(?:[0-9Xx]|(?:[0-9][ -]*){3}[0-9])[ -]*$",
+            "description": "an ISBN-10 or ISBN-13, check digit verified",
+        }
+    ),
+]
 
 
 class BookIn(BaseModel):
@@ -77,9 +89,11 @@ def not_null(value: Value | None) -> Value:
 
 
 def not_nullable(schema: dict[str, Any]) -> None:
-    """Document an omittable field as its own type: null is refused, not a value."""
+    """Document an omittable field as its own type: null is refused, not a value (nor
+    its default: left out, the field is not changed)."""
     (kind,) = [choice for choice in schema.pop("anyOf") if choice.get("type") != "null"]
     schema.update(kind)
+    schema.pop("default", None)
 
 
 # A PATCH field that may be left out but not sent as null (nor documented as nullable).
@@ -106,11 +120,11 @@ class BookOut(BaseModel):
     title: str
     author: str
     year: int
-    isbn: str | None
+    isbn: str | None = Field(json_schema_extra={"pattern": STORED_ISBN.pattern})
     created_at: datetime
     updated_at: datetime
-    review_count: int
-    rating: float | None = Field(description="the mean rating, to 2 decimals; null: no reviews")
+    review_count: int = Field(ge=0)
+    rating: float | None = Field(ge=1, le=5, description="the mean rating, 2 decimals; null: none")
 
 
 Reviewer = Annotated[
