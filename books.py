@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from cache import BOOKS_GENERATION, Entry, book_generation, book_key
 from listing import Filter, Listing
-from models import Book, BookCount, utc_now
+from models import BOOK_ORDERS, Book, BookCount, utc_now
 from schemas import AUTHOR_LENGTH, NO_NUL, TITLE_LENGTH, BookIn, BookOut, BookPage, BookPatch
 from web import (
     WRITERS_ONLY,
@@ -28,11 +28,12 @@ from web import (
 )
 
 router = Router()
+BOOK_COUNT = select(func.coalesce(func.sum(BookCount.books), 0))
 
 BOOKS = Listing(
     name="books",
     model=Book,
-    sortable=("id", "title", "author", "year", "created_at", "updated_at"),
+    sortable=("id", *BOOK_ORDERS),
     filters={
         "author": Filter(
             str,
@@ -60,13 +61,11 @@ BOOKS = Listing(
                 Book.title.icontains(q, autoescape=True), Book.author.icontains(q, autoescape=True)
             ),
             blank_is_unset=True,
-            search=True,
         ),
     },
     # Without filters, the count the triggers keep (see `BookCount`): no scan.
-    maintained_count=lambda filters: (
-        None if filters else select(func.coalesce(func.sum(BookCount.books), 0))
-    ),
+    maintained_count=lambda filters: None if filters else BOOK_COUNT,
+    population=lambda: BOOK_COUNT,
     first_cursor_filters=("author", "year", "q"),
 )
 

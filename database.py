@@ -275,7 +275,8 @@ def sqlite_rebuild(table: str) -> Iterator[BatchOperations]:
     """`op.batch_alter_table(table)` for a migration step that SQLite can only make by
     rebuilding the table (a column's type or nullability, a constraint), keeping what
     a rebuild would otherwise lose: AUTOINCREMENT and the highest id handed out so far,
-    expression indexes and triggers, and the rows of other tables that refer to it.
+    triggers, expression indexes and the order (DESC) of index columns, and the rows
+    of other tables that refer to it.
     Other databases alter the table in place.
 
     (Adding, dropping and renaming columns and indexes need no rebuild: SQLite ALTERs
@@ -299,9 +300,13 @@ def sqlite_rebuild(table: str) -> Iterator[BatchOperations]:
         options = {"sqlite_autoincrement": autoincrement}
         with op.batch_alter_table(table, recreate="always", table_kwargs=options) as batch:
             yield batch
-    present = {name for (name,) in bind.exec_driver_sql("SELECT name FROM sqlite_master")}
-    for kind, name, sql in rows:  # the triggers and the expression indexes
-        if kind != "table" and sql and name not in present:
+    present: dict[str, str] = dict(
+        bind.exec_driver_sql("SELECT name, sql FROM sqlite_master").all()
+    )
+    for kind, name, sql in rows:  # triggers, indexes Alembic skipped or rebuilt otherwise
+        if kind != "table" and sql and present.get(name) != sql:
+            if name in present:  # reflected without what SQLite cannot report (DESC)
+                bind.exec_driver_sql(f'DROP {kind.upper()} "{name}"')
             bind.exec_driver_sql(sql)
     if highest is not None:  # the copy restarted the count at the highest id still stored
         rebuilt = bind.exec_driver_sql(

@@ -16,12 +16,15 @@ from typing import Any
 
 import orjson
 from responder import Problem, Query
-from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, false, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from models import Base
 
 MAX_OFFSET = 2**62  # more rows than any table holds, and within a 64-bit OFFSET
+# Filters that keep at most 1 row in this many are selective (see `ListingQuery.selective`):
+# walking a sort index then reads on average up to this many rows per row of the page.
+SELECTIVE = 20
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,6 @@ class Filter:
     query: Any
     matches: Callable[[Any], ColumnElement[bool]]
     blank_is_unset: bool = False  # `?q=` (empty) is no filter at all
-    # A search: its matches are counted beside the page, in the same statement,
-    # rather than found twice (see `ListingQuery.read`).
-    search: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class Listing:
     filters: Mapping[str, Filter]
     # A count kept without a scan, for these filters, if there is one (else COUNT(*)).
     maintained_count: Callable[[Mapping[str, Any]], Select[Any] | None] = lambda filters: None
+    # How many rows there are without filters, if that is cheap to know (for `selective`).
+    population: Callable[[], Select[Any]] | None = None
     # The filters of cursors made before cursors were versioned (see `ListingQuery._decode`).
     first_cursor_filters: tuple[str, ...] = ()
 
@@ -117,14 +119,75 @@ class ListingQuery:
             return maintained
         return select(func.count()).select_from(self.listing.model).where(*self.where())
 
-    def rows(self, *, backwards: bool = False) -> Select[Any]:
-        """The matching rows in this query's order (or exactly the reverse)."""
+    async def counted(self, session: AsyncSession, total: int | None) -> tuple[int, bool]:
+        """The number of matches (`total`, if the cache knew it) and whether the filters
+        keep few enough rows, at most 1 in SELECTIVE of the listing's population, that
+        the page is best found among the matches (one round trip for both).
+
+        Otherwise (no filter, or a filter most rows pass), walking the index of the
+        sort order and skipping non-matches finds a page after a few rows each. Left
+        to the planner, that choice goes wrong at scale: asked for an author with no
+        books, sorted by year, it walked the whole year index (the LIMIT trap).
+        """
+        population = self.listing.population
+        if not self.filters or population is None:
+            if total is None:
+                total = await session.scalar(self.count()) or 0
+            return total, False
+        count = self.count().scalar_subquery() if total is None else literal(total)
+        found, rows = (await session.execute(select(count, population().scalar_subquery()))).one()
+        return found or 0, (found or 0) * SELECTIVE <= (rows or 0)
+
+    def rows(
+        self,
+        *,
+        backwards: bool = False,
+        selective: bool = False,
+        after: list[Any] | None = None,
+        skip: int = 0,
+        limit: int | None = None,
+    ) -> Select[Any]:
+        """The matching rows in this query's order (or exactly the reverse), from the
+        position `after` on, `skip` of them skipped, at most `limit`.
+
+        `selective`: the matches are gathered first, as their ids and sort fields
+        (from the filters' own indexes, which include the sort fields), the page is
+        taken from them, and only its rows are read; whatever the planner would prefer.
+        """
         model = self.listing.model
-        ordering = [
-            getattr(model, name).desc() if desc != backwards else getattr(model, name).asc()
+        if not selective:
+            statement = select(model).where(*self.where())
+            return self._page(statement, model, backwards, after, skip, limit)
+        keys = [getattr(model, name) for name, _ in self.order]
+        # MATERIALIZED: a CTE used once is otherwise folded into the query again.
+        matches = select(*keys).where(*self.where()).cte("matches").prefix_with("MATERIALIZED")
+        page = self._page(select(matches), matches.c, backwards, after, skip, limit).subquery()
+        joined = select(model).join(page, model.__table__.c.id == page.c.id)
+        return joined.order_by(*self._ordering(page.c, backwards))
+
+    def _page(
+        self,
+        statement: Select[Any],
+        source: Any,
+        backwards: bool,
+        after: list[Any] | None,
+        skip: int,
+        limit: int | None,
+    ) -> Select[Any]:
+        """`statement` over `source` (the model, or columns of the same names) in this
+        query's order, from `after` on, `skip` rows skipped, at most `limit`."""
+        statement = statement.order_by(*self._ordering(source, backwards))
+        if after is not None:
+            statement = statement.where(self._beyond(source, after))
+        if skip:
+            statement = statement.offset(skip)
+        return statement.limit(limit)
+
+    def _ordering(self, source: Any, backwards: bool) -> list[ColumnElement[Any]]:
+        return [
+            getattr(source, name).desc() if desc != backwards else getattr(source, name).asc()
             for name, desc in self.order
         ]
-        return select(model).where(*self.where()).order_by(*ordering)
 
     async def read(
         self,
@@ -132,39 +195,28 @@ class ListingQuery:
         *,
         page: int,
         size: int,
-        after: ColumnElement[bool] | None,
+        after: list[Any] | None,
         total: int | None,
     ) -> tuple[list[Any], int]:
         """A page's rows, plus the one after it (to tell whether more follow), and the total.
 
-        `after` is a decoded cursor; `total` the count when the cache knows it.
-        - By cursor: the rows after it, in this query's order.
-        - Searched, by number: one statement, with the count of all matches
-          beside each row (`count(*) OVER ()`). The search runs once, and the
-          planner reads the matches through the trigram indexes instead of walking
-          the table in `id` order hoping to meet a rare match soon.
-        - Otherwise, by number: the count (maintained, or from the filter's index)
-          and `numbered_page`.
+        `after` is a decoded cursor (`position`); `total` the count when the cache
+        knows it. The count comes first (maintained, or from the filters' indexes),
+        and decides how the page is found (`counted`): no match, no page query.
         """
+        total, selective = await self.counted(session, total)
+        if total == 0:
+            return [], 0
         if after is not None:
-            if total is None:
-                total = await session.scalar(self.count()) or 0
-            return list(await session.scalars(self.rows().where(after).limit(size + 1))), total
-        if any(self.listing.filters[name].search for name in self.filters):
-            counted = self.rows().add_columns(func.count().over())
-            result = (
-                await session.execute(counted.offset(offset(page, size)).limit(size + 1))
-            ).all()
-            if not result:  # past the last page: count the matches on their own
-                return [], await session.scalar(self.count()) or 0
-            return [row for row, _ in result], result[0][1]
-        if total is None:
-            total = await session.scalar(self.count()) or 0
-        rows, backwards = self.numbered_page(page, size, total)
+            rows = self.rows(selective=selective, after=after, limit=size + 1)
+            return list(await session.scalars(rows)), total
+        rows, backwards = self.numbered_page(page, size, total, selective)
         found = list(await session.scalars(rows))
         return found[::-1] if backwards else found, total
 
-    def numbered_page(self, page: int, size: int, total: int) -> tuple[Select[Any], bool]:
+    def numbered_page(
+        self, page: int, size: int, total: int, selective: bool
+    ) -> tuple[Select[Any], bool]:
         """Page `page`'s rows plus the one after it, and whether they come in reverse.
 
         OFFSET walks every row it skips, so a page past the middle is read
@@ -172,23 +224,33 @@ class ListingQuery:
         """
         skipped = offset(page, size)
         if skipped <= total // 2:
-            return self.rows().offset(skipped).limit(size + 1), False
+            return self.rows(selective=selective, skip=skipped, limit=size + 1), False
         following = total - skipped - size  # rows after this page
         if following > 0:
-            return self.rows(backwards=True).offset(following - 1).limit(size + 1), True
-        return self.rows(backwards=True).limit(max(size + following, 0)), True
+            return self.rows(
+                backwards=True, selective=selective, skip=following - 1, limit=size + 1
+            ), True
+        return self.rows(backwards=True, selective=selective, limit=max(size + following, 0)), True
 
-    def after(self, cursor: str) -> ColumnElement[bool]:
-        """Rows strictly after the position `cursor` marks, in this query's order."""
-        values = self._decode(cursor)
-        model = self.listing.model
+    def position(self, cursor: str) -> list[Any]:
+        """The position a cursor marks: the values of its row's sort fields (or a 400)."""
+        return self._decode(cursor)
+
+    def _beyond(self, source: Any, values: list[Any]) -> ColumnElement[bool]:
+        """Rows strictly after `values`, in this query's order.
+
+        The first sort field's own bound leads (`year <= 1976` for `-year`), so that
+        the database reads its index from the cursor on instead of filtering every row.
+        """
         alternatives = []
         for index, (name, descending) in enumerate(self.order):
-            column = getattr(model, name)
-            ties = [getattr(model, n) == values[i] for i, (n, _) in enumerate(self.order[:index])]
+            column = getattr(source, name)
+            ties = [getattr(source, n) == values[i] for i, (n, _) in enumerate(self.order[:index])]
             beyond = column < values[index] if descending else column > values[index]
             alternatives.append(and_(*ties, beyond))
-        return or_(false(), *alternatives)
+        first, descending = getattr(source, self.order[0][0]), self.order[0][1]
+        bound = first <= values[0] if descending else first >= values[0]
+        return and_(bound, or_(false(), *alternatives))
 
     def cursor_after(self, row: Any) -> str:
         """The opaque cursor for the page that follows `row`."""

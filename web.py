@@ -359,7 +359,7 @@ async def listing_page(
     filters = {name: parameters.get(name) for name in listing.filters} | dict(scope or {})
     query = listing.query(parameters["sort"], filters)
     size, cursor = parameters["size"], parameters["cursor"]
-    after = None if cursor is None else query.after(cursor)  # a bad cursor is a 400 first
+    after = None if cursor is None else query.position(cursor)  # a bad cursor is a 400 first
     number = parameters["page"] if cursor is None else None
     page_key, total_key = query.page_key(size, number, cursor), query.total_key()
     cache = shared_cache(req)

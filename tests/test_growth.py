@@ -67,7 +67,7 @@ def test_each_filter_in_use_has_cache_keys_and_cursors_of_its_own(name: str):
     assert len(keys) == 3 and len(totals) == 3
     cursor = filtered.cursor_after(Book(id=5, year=1999))
     with pytest.raises(Problem):
-        unfiltered.after(cursor)
+        unfiltered.position(cursor)
 
 
 def test_a_filter_added_later_keeps_the_cursors_that_do_not_use_it():

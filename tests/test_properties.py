@@ -114,7 +114,7 @@ def test_the_sort_grammar_takes_exactly_comma_separated_known_fields(sort: str):
 def test_a_cursor_that_does_not_decode_is_a_400(field: str, cursor: str):
     query = BOOKS.query(field, {})
     try:
-        query.after(cursor)
+        query.position(cursor)
     except Problem as problem:
         assert problem.status_code == 400
 
