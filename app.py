@@ -15,15 +15,18 @@ from contextlib import asynccontextmanager
 from responder import API
 from responder.ext.auth import BearerAuth
 from responder.ext.logging import setup_logging
+from responder.ext.metrics import MetricsMiddleware
 
 import books
 import cli
 import operations
 import reviews
 from cache import open_cache
-from database import open_database
+from database import engine_for, open_database
+from metrics import RequestMetrics, pool_figures
 from openapi import HttpConventions
 from rate_limit import limit_rate, rate_limiter
+from replicas import open_replicas
 from settings import Settings, load_settings
 from web import DATABASE_ERRORS, HttpRules, canonical_ids, database_failure, plain_problem
 
@@ -36,8 +39,14 @@ MAX_BODY_BYTES = 1024 * 1024
 async def lifespan(api: API) -> AsyncIterator[None]:
     """Per process (per event loop): the database, its schema checked, and the cache."""
     settings: Settings = api.state.settings
-    async with open_database(api), open_cache(settings) as cache:
+    async with (
+        open_database(api),
+        pool_figures(api.state.engine),
+        open_cache(settings) as cache,
+        open_replicas(settings, api.state.engine, cache, engine_for(settings)) as replicas,
+    ):
         api.state.cache = cache
+        api.state.replicas = replicas
         # Library code compares the tokens, in constant time; None: writes are open.
         tokens = settings.write_tokens
         api.state.writers = BearerAuth(tokens=tokens, realm="books") if tokens else None
@@ -58,7 +67,6 @@ api = API(
     openapi_servers=[{"url": "/", "description": "the server that serves this document"}],
     static_dir=str(SWAGGER_UI_ASSETS),
     static_route="/docs/assets",
-    metrics_route="/metrics",
     lifespan=lifespan,
     request_id=True,
     # Request IDs in every log line, and an access line per request (so run
@@ -89,6 +97,8 @@ api.openapi.plugins.append(HttpConventions())  # the headers every route has, do
 del api.formats["yaml"], api.formats["msgpack"]
 # Protocol rules below the routes: Host, request-target length, problems, Cache-Control.
 api.add_middleware(HttpRules)
+# Responder's request metrics, recorded where every worker's are summed (metrics.py).
+api.add_middleware(MetricsMiddleware, collector=RequestMetrics())
 api.add_security_scheme(
     "bearerAuth",
     {
@@ -108,7 +118,6 @@ api.include_router(reviews.router)
 
 api.include_router(operations.router)
 api.after_request(operations.schema_varies_on_accept)
-api.metrics = operations.ServiceMetrics(api.metrics, api.state)  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

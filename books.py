@@ -17,11 +17,12 @@ from web import (
     apply_changes,
     check_preconditions,
     etag,
+    invalidate,
     json_body,
     listing_page,
     problems,
     query_parameters,
-    reading,
+    read,
     shared_cache,
     writers_only,
     writing,
@@ -98,7 +99,7 @@ async def create_book(req: Request, resp: Response, *, book: BookIn) -> BookOut:
     created = Book(**book.model_dump(), created_at=now, updated_at=now)
     async with writing(req) as session:
         session.add(created)
-    await shared_cache(req).invalidate()
+    await invalidate(req)
     resp.headers["Location"] = f"/books/{created.id}"
     answer_write(resp, created)
     return BookOut.model_validate(created)
@@ -113,8 +114,7 @@ async def get_book(req: Request, resp: Response, *, book_id: int) -> BookOut:
     if (cached := lookup.entries[0]) is not None and cached.etag is not None:
         found, current = BookOut.model_validate_json(cached.body), cached.etag
     else:
-        async with reading(req) as session:
-            book = await find_book(session, book_id)
+        book = await read(req, lambda session: find_book(session, book_id), lookup.position)
         found, current = BookOut.model_validate(book), etag(book)
         if lookup.storable:
             entry = Entry(found.model_dump_json(), current)
@@ -135,7 +135,7 @@ async def replace_book(req: Request, resp: Response, *, book_id: int, book: Book
         stored = await find_book(session, book_id, for_update=True)
         check_preconditions(req, etag(stored), stored.updated_at, "book")
         apply_changes(session, stored, book.model_dump())
-    await shared_cache(req).invalidate(book_id)
+    await invalidate(req, book_id)
     answer_write(resp, stored)
     return BookOut.model_validate(stored)
 
@@ -152,7 +152,7 @@ async def update_book(req: Request, resp: Response, *, book_id: int, patch: Book
         stored = await find_book(session, book_id, for_update=True)
         check_preconditions(req, etag(stored), stored.updated_at, "book")
         apply_changes(session, stored, patch.model_dump(exclude_unset=True))
-    await shared_cache(req).invalidate(book_id)
+    await invalidate(req, book_id)
     answer_write(resp, stored)
     return BookOut.model_validate(stored)
 
@@ -170,4 +170,4 @@ async def delete_book(req: Request, resp: Response, *, book_id: int) -> None:
         book = await find_book(session, book_id, for_update=True)
         check_preconditions(req, etag(book), book.updated_at, "book")
         await session.delete(book)
-    await shared_cache(req).invalidate(book_id)
+    await invalidate(req, book_id)

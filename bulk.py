@@ -6,7 +6,8 @@ with its line number and skipped. Valid books are written in batches, each its
 own transaction (a failure keeps the batches before it), or all in one
 transaction that is rolled back if any line was rejected (`--all-or-nothing`).
 
-On PostgreSQL each batch is copied (COPY) into a temporary table and moved into
+On PostgreSQL each batch is copied (COPY) into a temporary table of its own
+transaction and moved into
 `books` by one `INSERT … SELECT … ON CONFLICT DO NOTHING`, which also tells us
 which ISBNs were already stored, even if the API stored them a moment ago. On
 SQLite the batch holds the write lock, so checking the ISBNs first is exact.
@@ -43,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.schema import CreateTable
 from stdnum import ean
 from tqdm import tqdm
 
@@ -68,13 +70,16 @@ INTEGER_FIELDS = {name for name, info in BookIn.model_fields.items() if info.ann
 WHOLE_NUMBER = re.compile(r"\s*[+-]?[0-9]+\s*")  # ASCII digits, as a JSON integer has
 MAX_BATCH_SIZE = 30_000  # SQLite's ISBN check binds one variable per book (limit 32,766)
 
-# Where a PostgreSQL batch lands first (COPY cannot skip rows that conflict).
+# Where a PostgreSQL batch lands first (COPY cannot skip rows that conflict): a table of
+# the batch's own transaction (ON COMMIT DROP), so that nothing outlives it on a server
+# connection that a transaction-mode pooler hands to another client next.
 INCOMING = Table(
     "incoming_books",
     MetaData(),
     Column("line", Integer),
     *(Column(name, Book.__table__.c[name].type) for name in FIELDS),
     prefixes=["TEMPORARY"],
+    postgresql_on_commit="DROP",
 )
 
 # A record: its line number, and the book it holds or why it holds none.
@@ -264,7 +269,9 @@ async def _store_postgresql(
     connection: AsyncConnection, batch: list[tuple[int, BookIn]], now: datetime
 ) -> list[int]:
     """COPY the batch in, move what does not conflict into `books`; the lines that did."""
-    await connection.execute(text(f"TRUNCATE {INCOMING.name}"))  # also begins on the driver
+    # (Already there when --all-or-nothing keeps one transaction open for every batch.)
+    await connection.execute(CreateTable(INCOMING, if_not_exists=True))
+    await connection.execute(text(f"TRUNCATE {INCOMING.name}"))
     raw = await connection.get_raw_connection()
     await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
         INCOMING.name,
@@ -391,9 +398,6 @@ async def load(
         async with engine.connect() as connection, open_cache(settings) as cache:
             if engine.dialect.name == "sqlite":
                 connection = await connection.execution_options(**{SQLITE_WRITE: True})
-            elif engine.dialect.name == "postgresql":
-                async with connection.begin():
-                    await connection.run_sync(INCOMING.create)
             books = _first_of_each_isbn(records, reject)
             if not all_or_nothing:
                 await _write(connection, books, batch_size, outcome, reject, on_batch, cache, store)

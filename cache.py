@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from redis.asyncio import Redis
@@ -43,6 +43,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from metrics import CACHE_ERRORS, CACHE_HITS, CACHE_MISSES
 from settings import Settings
 
 # The contract: a cache call never delays a request by more than 100 ms, and an
@@ -65,6 +66,14 @@ BACKOFF_SECONDS = 1.0
 RETRY_INTERVAL = 0.5
 # The generation of every list page and total: any write changes it.
 BOOKS_GENERATION = "generation:books"
+# The primary's WAL position of the latest acknowledged write (see replicas.py).
+POSITION = "wal:primary"
+# Keeps the larger of the stored position and ARGV[1], atomically.
+MAX_MERGE = """
+local stored = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > stored then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
 
 logger = logging.getLogger("books.cache")
 T = TypeVar("T")
@@ -93,11 +102,13 @@ class Entry:
 
 @dataclass(frozen=True)
 class Lookup:
-    """The entries found (None for a miss) and the generation token to store them under."""
+    """The entries found (None for a miss), the generation token to store them under, and
+    the WAL position a database read must have reached (None: unknown, read the primary)."""
 
     entries: list[Entry | None]
     tag: str | None = None
     storable: bool = False
+    position: int | None = None
 
 
 @dataclass
@@ -107,15 +118,17 @@ class BookCache:
     redis: Redis | None
     prefix: str = "books:"
     ttl: int = 300
-    hits: int = 0
-    misses: int = 0
-    errors: int = 0
     _failures: int = 0
     _bypass_until: float = 0.0
     # Generations whose invalidation failed, each with a unique mark, so that the
     # retry only clears what it delivered (not a mark added while it ran).
     _undelivered: dict[str, int] = field(default_factory=dict)
+    _undelivered_position: int | None = None  # the highest one an invalidation failed with
     _marks: Iterator[int] = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        # The script that max-merges a WAL position; with Redis off, never called.
+        self._merge: Any = self.redis.register_script(MAX_MERGE) if self.redis else None
 
     @property
     def enabled(self) -> bool:
@@ -133,17 +146,18 @@ class BookCache:
             return misses
         values = None
         if not self.bypassed:
-            keys = [self.prefix + key for key in (generation, *names)]
+            keys = [self.prefix + key for key in (generation, POSITION, *names)]
             values = await self._call(self.redis.mget(keys), CALL_TIMEOUT)
         if values is None:
-            self.misses += len(names)
+            CACHE_MISSES.inc(len(names))
             return misses
         tag = values[0].decode() if isinstance(values[0], bytes) else values[0]
-        entries = [_entry(value, tag) for value in values[1:]]
+        position = None if values[1] is None else int(values[1])
+        entries = [_entry(value, tag) for value in values[2:]]
         found = sum(entry is not None for entry in entries)
-        self.hits += found
-        self.misses += len(names) - found
-        return Lookup(entries, tag, storable=True)
+        CACHE_HITS.inc(found)
+        CACHE_MISSES.inc(len(names) - found)
+        return Lookup(entries, tag, storable=True, position=position)
 
     async def store(self, lookup: Lookup, entries: dict[str, Entry]) -> None:
         """Keep `entries`, tagged with the generation `lookup` saw before the database read."""
@@ -155,9 +169,10 @@ class BookCache:
             pipeline.set(self.prefix + name, value, ex=self.ttl)
         await self._call(pipeline.execute(), CALL_TIMEOUT)
 
-    async def invalidate(self, book_id: int | None = None) -> None:
+    async def invalidate(self, book_id: int | None = None, position: int | None = None) -> None:
         """After a committed write: new tokens for every list and total, and for the book
-        (and so its reviews).
+        (and so its reviews); and the primary's WAL `position` after the commit, if reads
+        go to replicas.
 
         Tried even while reads bypass the cache: a bypass opened by a slow moment
         must not turn into stale reads on the other instances.
@@ -167,9 +182,21 @@ class BookCache:
         generations = {BOOKS_GENERATION}
         if book_id is not None:
             generations.add(book_generation(book_id))
-        if not await self._renew(generations):
+        if not await self._renew(generations, position):
             for generation in generations:
                 self._undelivered[generation] = next(self._marks)
+            if position is not None:
+                self._undelivered_position = max(position, self._undelivered_position or 0)
+
+    async def has_position(self) -> bool:
+        """Whether a WAL position is recorded (False too when Redis does not answer)."""
+        assert self.redis is not None
+        return bool(await self._call(self.redis.exists(self.prefix + POSITION), CALL_TIMEOUT))
+
+    async def record_position(self, position: int) -> None:
+        """Max-merge `position` into the recorded one."""
+        assert self.redis is not None
+        await self._call(self._merge(keys=[self.prefix + POSITION], args=[position]), CALL_TIMEOUT)
 
     @property
     def owes_invalidations(self) -> bool:
@@ -178,15 +205,22 @@ class BookCache:
 
     async def deliver(self) -> None:
         """Retry the invalidations that failed (run by one background task only)."""
-        undelivered = dict(self._undelivered)
-        if undelivered and await self._renew(set(undelivered)):
+        undelivered, position = dict(self._undelivered), self._undelivered_position
+        if undelivered and await self._renew(set(undelivered), position):
             for generation, mark in undelivered.items():
                 if self._undelivered.get(generation) == mark:
                     del self._undelivered[generation]
+            if self._undelivered_position == position:
+                self._undelivered_position = None
 
-    async def _renew(self, generations: set[str]) -> bool:
+    async def _renew(self, generations: set[str], position: int | None = None) -> bool:
         assert self.redis is not None
         pipeline = self.redis.pipeline(transaction=False)
+        if position is not None:
+            # First: a reader that sees a new generation sees this position too (MGET is
+            # atomic, Redis runs a pipeline in order), so it never stores, under that
+            # generation, a replica's state from before this write.
+            await self._merge(keys=[self.prefix + POSITION], args=[position], client=pipeline)
         for generation in generations:
             # Generations outlive the entries they guard (see `_entry`).
             pipeline.set(self.prefix + generation, secrets.token_hex(8), ex=2 * self.ttl)
@@ -205,7 +239,7 @@ class BookCache:
         try:
             result = await within(call, seconds)
         except (RedisError, TimeoutError, OSError) as exc:
-            self.errors += 1
+            CACHE_ERRORS.inc()
             self._failures += 1
             if self._failures >= FAILURES_BEFORE_BYPASS:
                 self._bypass_until = time.monotonic() + BACKOFF_SECONDS
@@ -216,23 +250,6 @@ class BookCache:
             logger.warning("cache available again")
         self._failures = 0
         return result
-
-    def metrics(self) -> str:
-        """The cache counters in Prometheus text format (empty when the cache is off)."""
-        if not self.enabled:
-            return ""
-        lines = []
-        for name, value, meaning in (
-            ("hits", self.hits, "Cache entries found."),
-            ("misses", self.misses, "Cache entries read from the database instead."),
-            ("errors", self.errors, "Cache calls that failed or timed out."),
-        ):
-            lines += [
-                f"# HELP books_cache_{name}_total {meaning}",
-                f"# TYPE books_cache_{name}_total counter",
-                f"books_cache_{name}_total {value}",
-            ]
-        return "\n".join(lines) + "\n"
 
 
 async def within(call: Awaitable[T], seconds: float) -> T:

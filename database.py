@@ -4,7 +4,7 @@ import asyncio
 import re
 import sqlite3
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from alembic.operations import BatchOperations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from responder import API
-from sqlalchemy import Connection, Index, QueuePool, UniqueConstraint, event, inspect
+from sqlalchemy import Connection, Index, UniqueConstraint, event, inspect
 from sqlalchemy.exc import DBAPIError, IntegrityError, SAWarning
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -61,7 +61,21 @@ class DatabaseUnavailableError(RuntimeError):
         hint = ""
         if engine.dialect.name == "sqlite":
             hint = " (does its directory exist, and may this process write there and to the file?)"
+        elif "unsupported startup parameter" in reason:
+            hint = " (behind a transaction-mode pooler? set DATABASE_POOLER=transaction)"
         super().__init__(f"cannot open the database {where}: {reason}{hint}")
+
+
+# Behind a transaction-mode pooler, consecutive transactions of one client connection
+# run on different server connections, so nothing may outlive a transaction: no driver or
+# SQLAlchemy statement cache, and unnamed prepared statements (asyncpg's `name=""`),
+# which the next statement replaces, instead of named ones left behind on the server
+# (`prepared statement "__asyncpg_stmt_1__" already exists / does not exist`).
+POOLER_OPTIONS = {
+    "statement_cache_size": 0,
+    "prepared_statement_cache_size": 0,
+    "prepared_statement_name_func": lambda: "",
+}
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
@@ -69,21 +83,44 @@ def create_engine(settings: Settings) -> AsyncEngine:
     options: dict[str, Any] = {"echo": settings.sql_echo}
     if settings.is_sqlite:
         options["connect_args"] = {"timeout": sqlite_busy_timeout_ms(settings) / 1000}
-    else:
-        options |= {
-            "pool_size": settings.pool_size,
-            "max_overflow": settings.max_overflow,
-            "pool_timeout": settings.pool_timeout,
-            "pool_pre_ping": settings.pool_pre_ping,
-            "connect_args": {"timeout": settings.connect_timeout},
-        }
-        if settings.request_timeout is not None:  # no statement outlives its request
-            timeout_ms = str(round(settings.request_timeout * 1000))
-            options["connect_args"]["server_settings"] = {"statement_timeout": timeout_ms}
-    engine = create_async_engine(settings.database_url, **options)
-    if settings.is_sqlite:
+        engine = create_async_engine(settings.database_url, **options)
         _configure_sqlite(engine, sqlite_busy_timeout_ms(settings))
+        return engine
+    pooled = settings.database_pooler == "transaction"
+    connect_args: dict[str, Any] = {"timeout": settings.connect_timeout}
+    connect_args |= settings.driver_options | (POOLER_OPTIONS if pooled else {})
+    timeout_ms = (
+        None if settings.request_timeout is None else round(settings.request_timeout * 1000)
+    )
+    if timeout_ms is not None and not pooled:  # no statement outlives its request
+        connect_args["server_settings"] = {"statement_timeout": str(timeout_ms)}
+    engine = create_async_engine(
+        settings.database_url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.pool_timeout,
+        pool_pre_ping=settings.pool_pre_ping,
+        connect_args=connect_args,
+        **options,
+    )
+    if timeout_ms is not None and pooled:
+        _limit_each_transaction(engine, timeout_ms)
     return engine
+
+
+def engine_for(settings: Settings) -> Callable[[str], AsyncEngine]:
+    """Engines for other servers (read replicas) with the settings of the primary's."""
+    return lambda url: create_engine(settings.model_copy(update={"database_url": url}))
+
+
+def _limit_each_transaction(engine: AsyncEngine, timeout_ms: int) -> None:
+    """`statement_timeout` for every transaction, set inside it: a pooler refuses it as a
+    startup parameter (`unsupported startup parameter`), and a session setting would
+    stay on a server connection that other clients get next."""
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout_ms}")
 
 
 def sqlite_busy_timeout_ms(settings: Settings) -> int:
@@ -345,19 +382,6 @@ async def write_transaction(state: Any) -> AsyncIterator[AsyncSession]:
     """A session in a write transaction (`state` is `api.state`), committed at the end."""
     async with state.write_lock or nullcontext(), state.async_write_session.begin() as session:
         yield session
-
-
-def pool_metrics(engine: AsyncEngine) -> str:
-    """The connection pool's gauges in Prometheus text format."""
-    pool = engine.pool
-    if not isinstance(pool, QueuePool):
-        return ""
-    return (
-        "# HELP books_db_pool_connections Connections held by this process's pool.\n"
-        "# TYPE books_db_pool_connections gauge\n"
-        f'books_db_pool_connections{{state="in_use"}} {pool.checkedout()}\n'
-        f'books_db_pool_connections{{state="idle"}} {pool.checkedin()}\n'
-    )
 
 
 @asynccontextmanager

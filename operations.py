@@ -6,12 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from responder import Request, Response, Router
-from responder.ext.metrics import MetricsCollector
 from sqlalchemy import text
 
-from database import pool_metrics
-from web import reading, shared_cache
+from metrics import count_pool, render
+from web import read, shared_cache
 
 router = Router()
 
@@ -20,8 +20,7 @@ HEALTH_CHECK_TIMEOUT = 2.0
 
 
 async def database_check(req: Request) -> None:
-    async with reading(req) as session:
-        await session.execute(text("SELECT 1"))
+    await read(req, lambda session: session.execute(text("SELECT 1")))
 
 
 async def cache_check(req: Request) -> None:
@@ -55,6 +54,8 @@ async def health(req: Request, resp: Response) -> None:
     healthy = results["database"]["status"] == "ok"
     resp.status_code = 200 if healthy else 503
     resp.media = {"status": "ok" if healthy else "error", "checks": results}
+    if replicas := req.api.state.replicas.health():  # reported, never required
+        resp.media["replicas"] = replicas
 
 
 @router.get("/docs", include_in_schema=False)
@@ -73,19 +74,12 @@ async def schema_varies_on_accept(req: Request, resp: Response) -> None:
         resp.vary("Accept")
 
 
-class ServiceMetrics:
-    """Responder's request metrics, then the database pool and the cache figures.
-
-    Responder's /metrics route renders whatever `api.metrics` is at request time;
-    its middleware keeps recording into the collector wrapped here.
-    """
-
-    def __init__(self, requests: MetricsCollector, state: Any) -> None:
-        self.requests = requests
-        self.state = state  # `api.state`: the engine and cache, once the lifespan has run
-
-    def render(self) -> str:
-        text = self.requests.render()
-        if hasattr(self.state, "engine"):
-            text += pool_metrics(self.state.engine) + self.state.cache.metrics()
-        return text
+@router.get("/metrics", include_in_schema=False)
+async def metrics(req: Request, resp: Response) -> None:
+    """Prometheus text: requests, database pools and cache, of every worker of the server
+    (see metrics.py). Written out rather than `metrics_route=`: Responder's counts
+    are those of the one worker a scrape reaches."""
+    if hasattr(req.api.state, "engine"):
+        count_pool(req.api.state.engine)  # this worker's figures, as of now
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    resp.content = render()

@@ -25,11 +25,12 @@ from web import (
     apply_changes,
     check_preconditions,
     etag,
+    invalidate,
     json_body,
     listing_page,
     problems,
     query_parameters,
-    reading,
+    read,
     shared_cache,
     writers_only,
     writing,
@@ -111,7 +112,7 @@ async def create_review(
         created = Review(**review.model_dump(), book_id=book_id, created_at=now, updated_at=now)
         session.add(created)
         recount(book, now, reviews=1, ratings=review.rating)
-    await shared_cache(req).invalidate(book_id)
+    await invalidate(req, book_id)
     resp.headers["Location"] = f"/books/{book_id}/reviews/{created.id}"
     answer_write(resp, created)
     return ReviewOut.model_validate(created)
@@ -129,8 +130,9 @@ async def get_review(req: Request, resp: Response, *, book_id: int, review_id: i
     if (cached := lookup.entries[0]) is not None and cached.etag is not None:
         found, current = ReviewOut.model_validate_json(cached.body), cached.etag
     else:
-        async with reading(req) as session:
-            review = await find_review(session, book_id, review_id)
+        review = await read(
+            req, lambda session: find_review(session, book_id, review_id), lookup.position
+        )
         found, current = ReviewOut.model_validate(review), etag(review)
         if lookup.storable:
             await cache.store(lookup, {key: Entry(found.model_dump_json(), current)})
@@ -156,7 +158,7 @@ async def update_review(
         apply_changes(session, stored, patch.model_dump(exclude_unset=True))
         if stored.rating != rated:
             recount(book, stored.updated_at, reviews=0, ratings=stored.rating - rated)
-    await shared_cache(req).invalidate(book_id)
+    await invalidate(req, book_id)
     answer_write(resp, stored)
     return ReviewOut.model_validate(stored)
 
@@ -176,4 +178,4 @@ async def delete_review(req: Request, resp: Response, *, book_id: int, review_id
         check_preconditions(req, etag(review), review.updated_at, "review")
         await session.delete(review)
         recount(book, utc_now(), reviews=-1, ratings=-review.rating)
-    await shared_cache(req).invalidate(book_id)
+    await invalidate(req, book_id)

@@ -1,10 +1,12 @@
 """Configuration: one typed object, read from the environment and `.env`."""
 
+import inspect
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
+import asyncpg
 from pydantic import Field, PrivateAttr, RedisDsn, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -13,6 +15,13 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 RATE = re.compile(r"(?P<requests>[0-9]+)\s*/\s*(?P<period>second|minute|hour)")
 PERIODS = {"second": 1, "minute": 60, "hour": 3600}
+# What DATABASE_URL's query may pass to asyncpg, typed as asyncpg takes them: its own
+# `connect()` keywords (the type of each numeric one from its default), and SQLAlchemy's.
+ASYNCPG_OPTIONS: dict[str, type] = {
+    name: type(parameter.default) if isinstance(parameter.default, int | float) else str
+    for name, parameter in inspect.signature(asyncpg.connect).parameters.items()
+    if parameter.kind == parameter.KEYWORD_ONLY
+} | {"command_timeout": float, "prepared_statement_cache_size": int}
 
 
 class Settings(BaseSettings):
@@ -21,6 +30,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     database_url: str = "sqlite+aiosqlite:///./books.db"
+    # Comma-separated in the environment (NoDecode: not JSON).
+    database_replica_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="PostgreSQL read replicas of DATABASE_URL."
+    )
+    database_pooler: Literal["none", "transaction"] = Field(
+        "none",
+        description="`transaction`: PostgreSQL is behind a transaction-mode pooler (PgBouncer).",
+    )
     host: str = "127.0.0.1"
     port: int = Field(5042, ge=1, le=65535)
     sql_echo: bool = False
@@ -56,6 +73,16 @@ class Settings(BaseSettings):
     )
     _write_tokens: list[str] = PrivateAttr(default_factory=list)
 
+    @field_validator("database_replica_urls", mode="before")
+    @classmethod
+    def _replica_urls(cls, value: object) -> object:
+        """Comma-separated, each a URL as DATABASE_URL is (`postgresql://` means asyncpg)."""
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list):
+            return [cls._usable_driver_options(cls._async_driver(str(url))) for url in value]
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _async_driver(cls, value: str) -> str:
@@ -68,6 +95,34 @@ class Settings(BaseSettings):
         except (ArgumentError, NoSuchModuleError, ValueError) as exc:
             raise ValueError(f"not a usable SQLAlchemy URL ({type(exc).__name__})") from None
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _usable_driver_options(cls, value: str) -> str:
+        """Every driver option in the URL is one asyncpg takes, of the type it takes."""
+        url = make_url(value)
+        if url.get_driver_name() != "asyncpg":
+            return value
+        for name, option in url.query.items():
+            if name not in ASYNCPG_OPTIONS:
+                raise PydanticCustomError("driver_option", f"unknown driver option {name!r}")
+            try:
+                ASYNCPG_OPTIONS[name](option)
+            except (TypeError, ValueError):
+                kind = ASYNCPG_OPTIONS[name].__name__
+                raise PydanticCustomError(
+                    "driver_option", f"driver option {name!r} must be a {kind}"
+                ) from None
+        return value
+
+    @property
+    def driver_options(self) -> dict[str, Any]:
+        """DATABASE_URL's query options for asyncpg, as the types it takes (a URL's query
+        is text: `statement_cache_size=0` would reach asyncpg as the string "0")."""
+        url = make_url(self.database_url)
+        if url.get_driver_name() != "asyncpg":
+            return {}
+        return {name: ASYNCPG_OPTIONS[name](value) for name, value in url.query.items()}
 
     @field_validator("redis_url", mode="before")
     @classmethod

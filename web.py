@@ -26,10 +26,12 @@ from cache import BookCache, Entry
 from database import violated_constraint, write_transaction
 from listing import Listing, ListingQuery
 from models import conflict_detail, utc_now
+from replicas import Replicas, served_by
 from schemas import CursorPage
 
 logger = logging.getLogger("books")
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+Result = TypeVar("Result")
 PageOf = TypeVar("PageOf", bound=CursorPage[Any])
 
 # Ids are 32-bit integers in the tables; a larger one cannot name anything.
@@ -78,6 +80,11 @@ def problems(*statuses: int) -> dict[int, dict[str, Any]]:
 DATABASE_ERRORS = (DBAPIError, PoolTimeoutError, OSError, TimeoutError)
 # PostgreSQL's code for a statement cancelled by `statement_timeout` (REQUEST_TIMEOUT).
 QUERY_CANCELED = "57014"
+# A serialization failure or a standby's recovery conflict: worth one more try of a read.
+RETRY_READ = "40001"
+# A prepared statement missing, or there already: named statements of one client met on
+# server connections a pooler handed to another (26000, 42P05).
+POOLER_TROUBLE = ("26000", "42P05")
 # PostgreSQL's codes for "not now, try again": connection exceptions (class 08), too
 # few resources (53: too many connections), the server going away or not there yet
 # (57P01-03), a write on a read-only server (25006: a standby, a demoted primary),
@@ -119,6 +126,13 @@ def database_problem(exc: Exception) -> Problem:
     if sqlstate == QUERY_CANCELED:
         detail = "The request took longer than the server allows."
         return Problem(504, detail, title="Gateway Timeout")
+    if sqlstate in POOLER_TROUBLE:
+        logger.error(
+            "prepared statements broken (%s): behind a transaction-mode pooler such as "
+            "PgBouncer, set DATABASE_POOLER=transaction",
+            sqlstate,
+        )
+        return Problem(500, "Internal Server Error")
     if database_unavailable(exc):
         # Once, with its cause, and never the error's text (it may hold parameters).
         logger.warning(
@@ -159,21 +173,55 @@ async def database_errors_as_problems() -> AsyncIterator[None]:
 
 
 async def database_failure(req: Request, resp: Response, exc: Exception) -> None:
-    """Exception handler for a database error outside `reading`/`writing` (none is
+    """Exception handler for a database error outside `read`/`writing` (none is
     expected): the same answer."""
     problem = database_problem(exc)
     resp.problem(problem.status_code, problem.detail, title=problem.title)
 
 
-@asynccontextmanager
-async def reading(req: Request) -> AsyncIterator[AsyncSession]:
-    """One session for a request that only reads; closing it ends its transaction.
+async def read(
+    req: Request,
+    work: Callable[[AsyncSession], Awaitable[Result]],
+    at_least: int | None = None,
+) -> Result:
+    """`work(session)` in a session of its own for a request that only reads; a database
+    error is a problem.
 
-    (No `.begin()`: a read has nothing to commit, and a commit plus the pool's
-    reset would be two more round trips to the driver.)
+    On a replica that has replayed WAL position `at_least` if there is one (replicas.py;
+    None: the primary); a read the replica fails is read again from the primary. A read
+    cancelled by a serialization or recovery conflict (40001: a standby replaying what the
+    read would see) is tried once more, on the primary, before it is a problem.
+
+    (No `.begin()`: a read has nothing to commit, and a commit plus the pool's reset
+    would be two more round trips to the driver.)
     """
-    async with database_errors_as_problems(), req.api.state.async_session() as session:
-        yield session
+    replicas: Replicas = req.api.state.replicas
+    replica = replicas.choose(at_least)
+    for attempt in (1, 2):
+        sessions = req.api.state.async_session if replica is None else replica.sessions
+        try:
+            async with sessions() as session:
+                result = await work(session)
+            served_by(replica)
+            return result
+        except (*DATABASE_ERRORS, StaleDataError) as exc:
+            conflict = getattr(getattr(exc, "orig", None), "sqlstate", None) == RETRY_READ
+            if attempt == 1 and (replica is not None or conflict):
+                if replica is not None:
+                    logger.warning(
+                        "replica %s failed a read (%s)", replica.name, type(exc).__name__
+                    )
+                replica = None
+                continue
+            raise database_problem(exc) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def invalidate(req: Request, book_id: int | None = None) -> None:
+    """After a committed write: the cache's entries it changed are gone, on every instance,
+    and, with replicas, reads that start from now on need its WAL position."""
+    position = await req.api.state.replicas.primary_position()
+    await shared_cache(req).invalidate(book_id, position)
 
 
 @asynccontextmanager
@@ -368,13 +416,13 @@ async def listing_page(
     if cached_page is not None:
         found = page_type.model_validate_json(cached_page.body)
     else:
-        total = None if cached_total is None else int(cached_total.body)
-        async with reading(req) as session:
-            if counted is not None:
-                total = await counted(session)
-            rows, total = await query.read(
-                session, page=number or 1, size=size, after=after, total=total
-            )
+        cached = None if cached_total is None else int(cached_total.body)
+
+        async def rows_and_total(session: AsyncSession) -> tuple[list[Any], int]:
+            total = cached if counted is None else await counted(session)
+            return await query.read(session, page=number or 1, size=size, after=after, total=total)
+
+        rows, total = await read(req, rows_and_total, lookup.position)
         found = page_of(page_type, query, rows, number, size, total)
         if lookup.storable:
             entries = {page_key: Entry(found.model_dump_json()), total_key: Entry(str(total))}

@@ -5,6 +5,7 @@
     uv run python -m bench scale     # every listing's latency at 10k and 1M books
     uv run python -m bench import    # `app.py import` of 1M books vs the database's floor
     uv run python -m bench soak      # 10 minutes of mixed traffic: errors, p99, RSS over time
+    uv run python -m bench pooler --seconds 60   # 2 workers, direct vs through PgBouncer
     uv run python -m bench speed --smoke   # seconds: checks the script still works
     uv run python -m bench speed --baseline main   # and main's app as one more arm
 
@@ -43,6 +44,7 @@ from sqlalchemy.engine import make_url
 from stdnum import isbn as stdnum_isbn
 
 from bulk import plausible_book
+from tests.servers import PgBouncer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -214,13 +216,13 @@ def checkout(ref: str) -> Iterator[Path]:
 
 @contextmanager
 def server(
-    name: str, env: dict[str, str], checkout: Path = ROOT
+    name: str, env: dict[str, str], checkout: Path = ROOT, workers: int = 1
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`SERVERS[name]` of `checkout` under uvicorn, pinned to SERVER_CPU, healthy before
-    it is used."""
+    """`SERVERS[name]` of `checkout` under uvicorn (`workers` of them), pinned to
+    SERVER_CPU, healthy before it is used."""
     command = [
         "taskset", "-c", SERVER_CPU, sys.executable, "-m", "uvicorn", SERVERS[name],
-        "--port", str(PORT), "--workers", "1", "--loop", "uvloop", "--http", "httptools",
+        "--port", str(PORT), "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
         "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
     probe = "/health" if name == "app" else "/books/1"
@@ -516,10 +518,23 @@ def measure_listings(
         for name, path in scale_requests(f"http://127.0.0.1:{PORT}", args.smoke).items():
             script = f'request = function()\n  return wrk.format("GET", "{path}")\nend\n'
             wrk(process, script, 1, 4)  # the plan, the caches
+            settle()
             result = wrk(process, script, args.seconds, 4, timeout=10)
-            if result.non_2xx or result.socket_errors:
-                raise SystemExit(f"errors in {name} at {size} books ({arm})")
-            table.setdefault(name, {})[(arm, size)] = result.p50_ms
+            settle()
+            failed = result.non_2xx or result.socket_errors  # reported as such, not a figure
+            table.setdefault(name, {})[(arm, size)] = float("inf") if failed else result.p50_ms
+
+
+def settle(seconds: float = 60) -> None:
+    """Wait for the requests wrk left running when it stopped (a slow listing outlives
+    the run), so that they do not weigh on the next figure."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{PORT}/metrics", timeout=60).text
+        running = re.search(r"^responder_requests_in_flight (\S+)$", text, re.MULTILINE)
+        if running is None or float(running[1]) <= 1:  # this scrape
+            return
+        time.sleep(0.1)
 
 
 def print_scale(
@@ -610,6 +625,67 @@ def soak_benchmark(args: argparse.Namespace) -> None:
         raise SystemExit(f"errors (non-2xx or socket) in: {', '.join(failed)}")
 
 
+def pooler_benchmark(args: argparse.Namespace) -> None:
+    """The soak's mixed workload with 2 workers, on direct connections and through
+    PgBouncer in transaction mode (DATABASE_POOLER=transaction), interleaved; then the
+    prepared statements left on the server connections behind the pooler."""
+    seconds = 2 if args.smoke else args.seconds
+    script = SOAK_REQUEST.replace("BOOKS", str(args.books)).replace(
+        "HEADERS", '{["Content-Type"] = "application/json"}'
+    )
+    bouncer = PgBouncer(target_port=make_url(DATABASE_URL).port or 5432)
+    bouncer.start()
+    runs: dict[tuple[str, str], list[Result]] = {}
+    try:
+        with database("postgresql") as db:
+            arms = {
+                "direct": {"DATABASE_URL": db.url},
+                "pooler": {"DATABASE_URL": bouncer.url(db.url), "DATABASE_POOLER": "transaction"},
+            }
+            for _ in range(args.rounds):
+                for arm, env in arms.items():
+                    db.reset(args.books)
+                    with server("app", env, workers=2) as process:
+                        result = wrk(process, script, seconds, args.connections, timeout=10)
+                    runs.setdefault(("mixed", arm), []).append(result)
+            left = asyncio.run(prepared_statements_left(bouncer.url(db.raw)))
+    finally:
+        bouncer.stop()
+    report(
+        f"PostgreSQL, 2 workers, mixed workload, {args.books} books, {args.connections} "
+        f"connections, {seconds} s x {args.rounds} rounds (medians)",
+        {key: median(results) for key, results in runs.items()},
+        reference="direct",
+    )
+    print(f"prepared statements left on the server connections behind the pooler: {left}")
+    if left:
+        raise SystemExit("named prepared statements outlived their transactions")
+
+
+async def prepared_statements_left(dsn: str, tries: int = 200) -> int:
+    """The prepared statements on each server connection a pooler hands out, summed: asked
+    many times at once (unnamed statements, as the service's pooler mode uses), so
+    that every server connection is asked at least once."""
+    connections = [await asyncpg.connect(dsn, statement_cache_size=0) for _ in range(20)]
+    try:
+        found: dict[int, int] = {}
+        for _ in range(tries // len(connections)):
+            rows = await asyncio.gather(
+                *(
+                    connection.fetchrow(
+                        "SELECT pg_backend_pid() AS pid, count(*) AS n FROM pg_prepared_statements"
+                    )
+                    for connection in connections
+                )
+            )
+            for row in rows:
+                found[row["pid"]] = max(found.get(row["pid"], 0), row["n"])
+        return sum(found.values())
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
 IMPORT_TARGET_SECONDS = 60  # issue 6: a million rows on PostgreSQL
 
 
@@ -688,7 +764,7 @@ def import_benchmark(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["speed", "cache", "scale", "import", "soak"])
+    parser.add_argument("mode", choices=["speed", "cache", "scale", "import", "soak", "pooler"])
     parser.add_argument("--minutes", type=int, default=10, help="soak: how long, per database")
     parser.add_argument("--soak-connections", type=int, default=64)
     parser.add_argument("--import-books", type=int, default=1_000_000)
@@ -717,6 +793,7 @@ def main() -> None:
         "scale": scale_benchmark,
         "import": import_benchmark,
         "soak": soak_benchmark,
+        "pooler": pooler_benchmark,
     }
     modes[args.mode](args)
 

@@ -22,17 +22,26 @@ from sqlalchemy.engine import make_url
 
 from app import api
 from settings import Settings
+from tests.servers import PgBouncer, have_pgbouncer
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL")
+# With TEST_POOLER=1 every API test runs once more through Debian's PgBouncer, in
+# transaction mode, with DATABASE_POOLER=transaction.
+TEST_POOLER = bool(os.environ.get("TEST_POOLER"))
 needs_postgres = pytest.mark.skipif(
     not TEST_DATABASE_URL, reason="set TEST_DATABASE_URL to a PostgreSQL server"
 )
 needs_redis = pytest.mark.skipif(not TEST_REDIS_URL, reason="set TEST_REDIS_URL to a Redis server")
+needs_pooler = pytest.mark.skipif(
+    not (TEST_DATABASE_URL and TEST_POOLER and have_pgbouncer()),
+    reason="set TEST_POOLER=1 and TEST_DATABASE_URL, with Debian's pgbouncer installed",
+)
 BACKENDS = [
     "sqlite",
     pytest.param("postgresql", marks=needs_postgres),
     pytest.param("postgresql+cache", marks=[needs_postgres, needs_redis]),
+    pytest.param("postgresql+pooler", marks=needs_pooler),
 ]
 
 
@@ -95,6 +104,17 @@ def shared_postgres_url() -> Iterator[str | None]:
     drop_postgres_database(url)
 
 
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode in front of the test PostgreSQL, for this run."""
+    if not (TEST_DATABASE_URL and have_pgbouncer()):
+        pytest.skip("needs TEST_DATABASE_URL and Debian's pgbouncer")
+    bouncer = PgBouncer(target_port=make_url(TEST_DATABASE_URL).port or 5432)
+    bouncer.start()
+    yield bouncer
+    bouncer.stop()
+
+
 @pytest.fixture
 def cache_prefix() -> Iterator[str]:
     """A key prefix of this test's own in the test Redis, its keys deleted afterwards."""
@@ -112,13 +132,16 @@ def settings(
     request: pytest.FixtureRequest, tmp_path: Path, shared_postgres_url: str | None
 ) -> Settings:
     """The settings of one backend; the cache stays off unless the backend names it."""
-    database, _, cache = request.param.partition("+")
+    database, _, layer = request.param.partition("+")
     if database == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'books.db'}"
     else:
         assert shared_postgres_url
         url = shared_postgres_url
-    if not cache:
+    if layer == "pooler":
+        through = request.getfixturevalue("pgbouncer").url(url)
+        return Settings(database_url=through, redis_url=None, database_pooler="transaction")
+    if not layer:
         return Settings(database_url=url, redis_url=None)
     prefix = request.getfixturevalue("cache_prefix")
     return Settings(database_url=url, redis_url=TEST_REDIS_URL, cache_prefix=prefix)
@@ -133,7 +156,9 @@ def database_url(settings: Settings) -> str:
 async def app_client(settings: Settings, **options: object) -> AsyncIterator[AsyncTestClient]:
     """The app with `settings` (plus `options`), its lifespan run, on an empty books table."""
     if options:
-        backend = settings.model_dump(include={"database_url", "redis_url", "cache_prefix"})
+        backend = settings.model_dump(
+            include={"database_url", "redis_url", "cache_prefix", "database_pooler"}
+        )
         settings = Settings(**backend, **options)  # type: ignore[arg-type]
     api.state.settings = settings
     async with AsyncTestClient(api, base_url="http://testserver") as client:

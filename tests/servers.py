@@ -78,17 +78,23 @@ def wait_until_healthy(port: int, process: Server, timeout: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def serving(env: dict[str, str]) -> Iterator[Server]:
-    """`app.py` as a real process with `env`, on a free port at `.url`, until the block ends."""
+def serving(env: dict[str, str], workers: int = 1) -> Iterator[Server]:
+    """`app.py` as a real process with `env`, on a free port at `.url`, until the block ends;
+    with `workers`, uvicorn's workers (sharing a directory for their metrics)."""
     port = free_port()
-    server = start(["app.py"], {**env, "PORT": str(port)})
-    server.url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(port, server)
-        yield server
-    finally:
-        server.terminate()
-        server.wait(timeout=15)
+    with tempfile.TemporaryDirectory() as metrics:
+        if workers == 1:
+            server = start(["app.py"], {**env, "PORT": str(port)})
+        else:
+            command = ["-m", "uvicorn", "app:api", "--port", str(port), "--workers", str(workers)]
+            server = start(command, {**env, "PROMETHEUS_MULTIPROC_DIR": metrics})
+        server.url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_healthy(port, server)
+            yield server
+        finally:
+            server.terminate()
+            server.wait(timeout=15)
 
 
 class TcpProxy:
@@ -187,19 +193,31 @@ class PostgresServer:
     can stop as abruptly as a crash and start again on the same port.
 
     The cluster belongs to the `postgres` system user (PostgreSQL refuses to run as
-    root), in a directory of its own under /tmp, removed by `remove()`.
+    root), in a directory of its own under /tmp, removed by `remove()`. With
+    `standby_of`, a hot standby of that (running) server, copied by pg_basebackup and
+    streaming from it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, standby_of: "PostgresServer | None" = None, **settings: str) -> None:
+        self.settings = settings  # server settings (`-c name=value`), e.g. max_connections
         self.bin = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1])
         self.directory = Path(tempfile.mkdtemp(prefix="books-pg-"))
         shutil.chown(self.directory, "postgres", "postgres")
         self.data = self.directory / "data"
         self.port = free_port()
         self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
-        self._as_postgres(
-            [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
-        )
+        if standby_of is None:
+            self._as_postgres(
+                [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
+            )
+        else:  # -R: standby.signal and the primary's address, written for us
+            self._as_postgres(
+                [str(self.bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(standby_of.port),
+                 "-U", "postgres", "-D", str(self.data), "-R", "-X", "stream", "-c", "fast"]
+            )  # fmt: skip
+
+    def database_url(self, database: str) -> str:
+        return self.url.rsplit("/", 1)[0] + f"/{database}"
 
     def _as_postgres(self, command: list[str]) -> None:
         subprocess.run(
@@ -211,6 +229,7 @@ class PostgresServer:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1"
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._as_postgres(
             [str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-l",
              str(self.directory / "log"), "start"]
@@ -230,5 +249,61 @@ class PostgresServer:
 
 def have_postgres_binaries() -> bool:
     return bool(list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))) and bool(
+        shutil.which("runuser")
+    )
+
+
+class PgBouncer:
+    """Debian's PgBouncer in transaction mode, on a free port, in front of the PostgreSQL
+    at `target_port` (as the `postgres` system user: it refuses to run as root)."""
+
+    def __init__(self, target_port: int, pool_size: int = 20) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="books-pgbouncer-"))
+        shutil.chown(self.directory, "postgres", "postgres")
+        self.port = free_port()
+        (self.directory / "users.txt").write_text('"postgres" ""\n')
+        self.config = self.directory / "pgbouncer.ini"
+        self.config.write_text(
+            f"[databases]\n* = host=127.0.0.1 port={target_port}\n\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\n"
+            f"unix_socket_dir =\nauth_type = trust\nauth_file = {self.directory}/users.txt\n"
+            f"pool_mode = transaction\nmax_client_conn = 1000\n"
+            f"default_pool_size = {pool_size}\n"
+            f"logfile = {self.directory}/pgbouncer.log\n"
+            f"pidfile = {self.directory}/pgbouncer.pid\n"
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def url(self, database_url: str) -> str:
+        """`database_url` (a database of the PostgreSQL behind) reached through the pooler."""
+        from sqlalchemy.engine import make_url
+
+        through = make_url(database_url).set(host="127.0.0.1", port=self.port)
+        return through.render_as_string(hide_password=False)
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            ["runuser", "-u", "postgres", "--", "pgbouncer", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            assert self._process.poll() is None, (self.directory / "pgbouncer.log").read_text()
+            assert time.monotonic() < deadline, "pgbouncer did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def have_pgbouncer() -> bool:
+    return bool(shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").exists()) and bool(
         shutil.which("runuser")
     )
