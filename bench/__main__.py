@@ -6,6 +6,7 @@
     uv run python -m bench import    # `app.py import` of 1M books vs the database's floor
     uv run python -m bench soak      # 10 minutes of mixed traffic: errors, p99, RSS over time
     uv run python -m bench pooler --seconds 60   # 2 workers, direct vs through PgBouncer
+    uv run python -m bench replicas  # reads and writes without and with a streaming replica
     uv run python -m bench speed --smoke   # seconds: checks the script still works
     uv run python -m bench speed --baseline main   # and main's app as one more arm
 
@@ -44,7 +45,7 @@ from sqlalchemy.engine import make_url
 from stdnum import isbn as stdnum_isbn
 
 from bulk import plausible_book
-from tests.servers import PgBouncer
+from tests.servers import PgBouncer, PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -686,6 +687,116 @@ async def prepared_statements_left(dsn: str, tries: int = 200) -> int:
             await connection.close()
 
 
+def replicas_benchmark(args: argparse.Namespace) -> None:
+    """Reads and writes on PostgreSQL with the cache, without and with a streaming replica
+    (a primary and a hot standby of the run's own), interleaved: p50/p99, the share of reads
+    the replica served, and the stale reads a checker saw while the load ran."""
+    seconds = 2 if args.smoke else args.seconds
+    primary = PostgresServer()
+    primary.start()
+    standby = None
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    runs: dict[tuple[str, str], list[Result]] = {}
+    served: dict[str, list[float]] = {}
+    stale: dict[str, int] = {}
+    try:
+        asyncio.run(execute(primary.database_url("postgres").replace("+asyncpg", ""),
+                            "CREATE DATABASE books"))  # fmt: skip
+        standby = PostgresServer(standby_of=primary)
+        standby.start()
+        db = Database(primary.database_url("books"), primary.database_url("books").replace(
+            "+asyncpg", ""))  # fmt: skip
+        with server("app", {"DATABASE_URL": db.url}):
+            pass  # the schema
+        base = {"DATABASE_URL": db.url, "REDIS_URL": REDIS_URL, "CACHE_PREFIX": prefix}
+        arms = {
+            "primary only": base,
+            "with replica": {**base, "DATABASE_REPLICA_URLS": standby.database_url("books")},
+        }
+        for _ in range(args.rounds):
+            for arm, env in arms.items():
+                db.reset(args.books)
+                with server("app", env) as process:
+                    before = replica_share(PORT)
+                    for workload in ("list_page", "update"):
+                        checker = CoherenceChecker(f"http://127.0.0.1:{PORT}")
+                        with checker.running():
+                            result = wrk(process, lua(workload, args.books), seconds, 16)
+                        runs.setdefault((workload, arm), []).append(result)
+                        stale[arm] = stale.get(arm, 0) + checker.stale
+                    reads = [
+                        now - then for now, then in zip(replica_share(PORT), before, strict=True)
+                    ]
+                    served.setdefault(arm, []).append(reads[0] / max(sum(reads), 1))
+    finally:
+        if standby is not None:
+            standby.remove()
+        primary.remove()
+        with redis.Redis.from_url(REDIS_URL) as client:
+            for key in client.scan_iter(match=f"{prefix}*"):
+                client.delete(key)
+    report(
+        f"PostgreSQL with the cache, {args.books} books, 16 connections, {seconds} s x "
+        f"{args.rounds} rounds (medians); list_page reads, update writes",
+        {key: median(results) for key, results in runs.items()},
+        reference="primary only",
+    )
+    for arm in arms:
+        print(f"{arm}: share of database reads served by the replica "
+              f"{statistics.median(served[arm]):.0%}; stale reads seen {stale[arm]}")  # fmt: skip
+    if any(stale.values()):
+        raise SystemExit("a read saw the state before an acknowledged write")
+
+
+def replica_share(port: int) -> tuple[float, float]:
+    """Reads served so far by replicas and by the primary (the app's /metrics)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return tuple(  # type: ignore[return-value]
+        float(found[1]) if (found := re.search(
+            rf'^books_reads_total{{served_by="{who}"}} (\S+)$', text, re.MULTILINE)) else 0.0
+        for who in ("replica", "primary")
+    )  # fmt: skip
+
+
+class CoherenceChecker:
+    """While the load runs: a book of its own (the load writes to the others) written, then
+    read at once, again and again; counts the reads that saw the state before the write
+    they followed."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.stale = url, 0
+        self._stop = False
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        import threading
+
+        worker = threading.Thread(target=self._check)
+        worker.start()
+        try:
+            yield
+        finally:
+            self._stop = True
+            worker.join()
+
+    def _check(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            author = f"Checker {uuid.uuid4().hex[:8]}"
+            book = {"title": "checked 0", "author": author, "year": 2000}
+            url = http.post("/books", json=book).headers["Location"]
+            number = 0
+            while not self._stop:
+                number += 1
+                title = f"checked {number}"
+                if http.patch(url, json={"title": title}).status_code != 200:
+                    continue
+                read = http.get(url)
+                listed = http.get("/books", params={"author": author})
+                titles = {item["title"] for item in listed.json()["items"]}
+                if read.json().get("title") != title or titles != {title}:
+                    self.stale += 1
+
+
 IMPORT_TARGET_SECONDS = 60  # issue 6: a million rows on PostgreSQL
 
 
@@ -764,7 +875,9 @@ def import_benchmark(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["speed", "cache", "scale", "import", "soak", "pooler"])
+    parser.add_argument(
+        "mode", choices=["speed", "cache", "scale", "import", "soak", "pooler", "replicas"]
+    )
     parser.add_argument("--minutes", type=int, default=10, help="soak: how long, per database")
     parser.add_argument("--soak-connections", type=int, default=64)
     parser.add_argument("--import-books", type=int, default=1_000_000)
@@ -794,6 +907,7 @@ def main() -> None:
         "import": import_benchmark,
         "soak": soak_benchmark,
         "pooler": pooler_benchmark,
+        "replicas": replicas_benchmark,
     }
     modes[args.mode](args)
 
