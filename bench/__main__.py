@@ -74,7 +74,8 @@ WORKLOADS = {
 }
 SERVERS = {
     "app": "app:api",
-    "reference": "bench.reference:app",
+    "responder": "bench.responder_reference:api",  # the framework's own floor
+    "reference": "bench.reference:app",  # bare Starlette on the raw driver
 }
 
 
@@ -378,11 +379,10 @@ def report(
     return ratios
 
 
-# Issue 4's targets: each workload's throughput as a ratio to the bare reference.
-TARGETS = {
-    "sqlite": {"get_one": 0.5, "list_page": 0.5, "create": 0.35, "update": 0.35},
-    "postgresql": {"get_one": 0.6, "list_page": 0.6, "create": 0.4, "update": 0.4},
-}
+# Issue 17's targets: the app's throughput on every workload at least this share of the
+# bare Responder app's, and (with --baseline) at least this multiple of the baseline's.
+TARGET_OF_RESPONDER = 0.35
+TARGET_OF_BASELINE = 2.0
 
 
 @dataclass
@@ -413,16 +413,28 @@ def speed_benchmark(args: argparse.Namespace) -> None:
                         arm.server, {}, arm.db, args.workloads, args, arm.checkout
                     ).items():
                         runs.setdefault((workload, name), []).append(result)
+        medians = {key: median(results) for key, results in sorted(runs.items())}
         ratios = report(
             f"{kind}: {args.books} books, {args.connections} connections, "
             f"{args.seconds} s x {args.rounds} rounds (medians)",
-            {key: median(results) for key, results in sorted(runs.items())},
-            reference="reference",
+            medians,
+            reference="responder",
         )
-        for workload, target in TARGETS[kind].items():
-            if (workload, "app") in ratios:
-                verdict = "meets" if ratios[(workload, "app")] >= target else "MISSES"
-                print(f"  {workload}: {ratios[(workload, 'app')]:.2f}x {verdict} target {target}x")
+        for workload in args.workloads:
+            verdicts = [
+                verdict(ratios[(workload, "app")], TARGET_OF_RESPONDER, "of bare Responder")
+            ]
+            if args.baseline:
+                times = (
+                    medians[(workload, "app")].requests_per_second
+                    / medians[(workload, args.baseline)].requests_per_second
+                )
+                verdicts.append(verdict(times, TARGET_OF_BASELINE, f"of {args.baseline}"))
+            print(f"  {workload}: " + "; ".join(verdicts))
+
+
+def verdict(ratio: float, target: float, of: str) -> str:
+    return f"{ratio:.2f}x {of} ({'meets' if ratio >= target else 'MISSES'} {target}x)"
 
 
 def cache_benchmark(args: argparse.Namespace) -> None:

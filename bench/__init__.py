@@ -1,0 +1,1 @@
+"""Benchmarks of the books service (`uv run python -m bench --help`)."""
