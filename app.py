@@ -28,7 +28,7 @@ from openapi import HttpConventions
 from rate_limit import limit_rate, rate_limiter
 from replicas import open_replicas
 from settings import Settings, load_settings
-from web import DATABASE_ERRORS, HttpRules, canonical_ids, database_failure, plain_problem
+from web import DATABASE_ERRORS, HttpRules, database_failure, plain_problem
 
 # Swagger UI's files, from the swagger-ui-py package: /docs needs no CDN.
 SWAGGER_UI_ASSETS = importlib.resources.files("swagger_ui") / "static"
@@ -53,6 +53,13 @@ async def lifespan(api: API) -> AsyncIterator[None]:
         # Responder answers 504 for a handler that runs longer (read per request).
         api.router.request_timeout = settings.request_timeout
         api.state.rate_limiter = rate_limiter(settings, cache)
+        if (
+            api.state.rate_limiter is not None
+            and limit_rate not in api.router.before_requests["http"]
+        ):
+            # Before any other hook: a 429 costs little. (Added only when RATE_LIMIT is
+            # set: Responder's hooks cost each request a look at their signature.)
+            api.route(before_request=True)(limit_rate)
         yield
 
 
@@ -96,7 +103,7 @@ api.openapi.plugins.append(HttpConventions())  # the headers every route has, do
 # (or msgpack) with the same strong ETag as the JSON, which RFC 9110 §8.8.1 forbids.
 del api.formats["yaml"], api.formats["msgpack"]
 # Protocol rules below the routes: Host, request-target length, problems, Cache-Control.
-api.add_middleware(HttpRules)
+api.add_middleware(HttpRules, negotiated=api.openapi.openapi_route)
 # Responder's request metrics, recorded where every worker's are summed (metrics.py).
 api.add_middleware(MetricsMiddleware, collector=RequestMetrics())
 api.add_security_scheme(
@@ -107,8 +114,6 @@ api.add_security_scheme(
         "description": "Needed by POST, PUT, PATCH and DELETE when the server sets API_TOKENS.",
     },
 )
-api.route(before_request=True)(limit_rate)  # before any other hook: a 429 costs little
-api.route(before_request=True)(canonical_ids)
 for error in DATABASE_ERRORS:
     api.add_exception_handler(error, database_failure)
 
@@ -117,7 +122,6 @@ api.include_router(books.router)
 api.include_router(reviews.router)
 
 api.include_router(operations.router)
-api.after_request(operations.schema_varies_on_accept)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
     options: dict[str, Any] = {"echo": settings.sql_echo}
     if settings.is_sqlite:
         options["connect_args"] = {"timeout": sqlite_busy_timeout_ms(settings) / 1000}
+        # Reset below, only when a transaction is open (see `_configure_sqlite`).
+        options["pool_reset_on_return"] = None
         engine = create_async_engine(settings.database_url, **options)
         _configure_sqlite(engine, sqlite_busy_timeout_ms(settings))
         return engine
@@ -105,6 +107,17 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
     if timeout_ms is not None and pooled:
         _limit_each_transaction(engine, timeout_ms)
+    return engine
+
+
+def reader(engine: AsyncEngine, settings: Settings) -> AsyncEngine:
+    """`engine` as requests that only read use it. On PostgreSQL without a pooler, in
+    autocommit: no BEGIN before and no ROLLBACK after, two round trips fewer per read
+    (each statement sees its own snapshot, as it would in a READ COMMITTED transaction).
+    A transaction-mode pooler needs the transaction to keep a server connection from one
+    statement's preparation to its execution."""
+    if engine.dialect.name == "postgresql" and settings.database_pooler == "none":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
     return engine
 
 
@@ -181,6 +194,15 @@ def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     def _on_begin(connection: Connection) -> None:
         if connection.get_execution_options().get(SQLITE_WRITE, False):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _on_reset(dbapi_connection: Any, _: ConnectionPoolEntry, state: Any) -> None:
+        """Roll back a connection returned with its transaction open (a request cut off
+        mid-write); the rollback SQLAlchemy makes on every return is otherwise a wasted
+        round trip to aiosqlite's thread (a read has no transaction here)."""
+        if state.terminate_only or not dbapi_connection.driver_connection.in_transaction:
+            return
+        dbapi_connection.rollback()
 
 
 def _opened_read_only(cursor: Any) -> bool:
@@ -394,7 +416,7 @@ async def open_database(api: API) -> AsyncIterator[None]:
     try:
         await prepare_schema(engine)
         api.state.engine = engine
-        api.state.async_session = async_sessionmaker(engine, expire_on_commit=False)
+        api.state.async_session = async_sessionmaker(reader(engine, api.state.settings))
         # Same pool; on SQLite its transactions take the write lock up front.
         api.state.async_write_session = async_sessionmaker(
             engine.execution_options(**{SQLITE_WRITE: True}), expire_on_commit=False

@@ -67,13 +67,6 @@ async def docs(req: Request, resp: Response) -> None:
     resp.html = DOCS_PAGE
 
 
-async def schema_varies_on_accept(req: Request, resp: Response) -> None:
-    """After every request: /schema.yml is YAML, or JSON on `Accept: application/json`,
-    so it says that it varies on Accept (caches must not serve one for the other)."""
-    if req.url.path == req.api.openapi.openapi_route:
-        resp.vary("Accept")
-
-
 @router.get("/metrics", include_in_schema=False)
 async def metrics(req: Request, resp: Response) -> None:
     """Prometheus text: requests, database pools and cache, of every worker of the server

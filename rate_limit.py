@@ -56,7 +56,7 @@ def rate_limiter(settings: Settings, cache: BookCache) -> RateLimiter | None:
 
 async def limit_rate(req: Request, resp: Response) -> None:
     """Before every request: a client over RATE_LIMIT on `/books` gets a 429 problem."""
-    limiter: RateLimiter | None = req.api.state.rate_limiter
+    limiter: RateLimiter | None = req.api.state.rate_limiter  # None: a later app without it
     if limiter is None or not req.url.path.startswith(LIMITED_PREFIX):
         return
     if not await limiter.acheck(req, resp):

@@ -30,6 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from cache import BookCache, within
+from database import reader
 from metrics import READS
 from settings import Settings
 
@@ -151,7 +152,7 @@ async def open_replicas(
     for url in settings.database_replica_urls:
         engine = engine_for(url)
         name = f"{engine.url.host}:{engine.url.port or 5432}"
-        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        sessions = async_sessionmaker(reader(engine, settings))
         replicas.replicas.append(Replica(name, engine, sessions))
     watching = asyncio.create_task(replicas.watch()) if replicas.replicas else None
     try:

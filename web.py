@@ -319,19 +319,6 @@ def answer_write(resp: Response, row: Any) -> None:
 # --- Request hooks ------------------------------------------------------------------
 
 
-async def canonical_ids(req: Request, resp: Response) -> None:
-    """Before every request: only the canonical spelling of an id addresses a resource.
-
-    Responder's `{name:int}` takes any run of Unicode decimal digits, so `/books/01`,
-    `/books/\u0661` (Arabic-Indic) and `/books/\uff11` (fullwidth) would all be book 1, and a
-    number past the tables' 32-bit ids would reach the database. A path segment of
-    decimal digits must be a plain ASCII number from 1 to MAX_ID, or it names nothing.
-    """
-    for segment in req.url.path.split("/"):
-        if segment.isdecimal() and not (CANONICAL_ID.fullmatch(segment) and int(segment) <= MAX_ID):
-            raise Problem(404, f"Nothing is found at {req.url.path}: ids are 1 to {MAX_ID}.")
-
-
 async def writers_only(req: Request, resp: Response) -> None:
     """Before-hook of every write: with API_TOKENS set, no known bearer token is a 401,
     answered before the body is even looked at."""
@@ -409,8 +396,10 @@ async def listing_page(
     size, cursor = parameters["size"], parameters["cursor"]
     after = None if cursor is None else query.position(cursor)  # a bad cursor is a 400 first
     number = parameters["page"] if cursor is None else None
-    page_key, total_key = query.page_key(size, number, cursor), query.total_key()
     cache = shared_cache(req)
+    page_key = total_key = ""  # two hashes: computed only with a cache to look in
+    if cache.enabled:
+        page_key, total_key = query.page_key(size, number, cursor), query.total_key()
     lookup = await cache.lookup(generation, page_key, total_key)
     cached_page, cached_total = lookup.entries
     if cached_page is not None:
@@ -476,6 +465,8 @@ class HttpRules:
     - a request with no `Host`, with several, or with an invalid one is a 400 (RFC 9112
       §3.2; HTTP/1.0 may leave it out), and a request target over MAX_TARGET_BYTES is a
       414: both as problems;
+    - only the canonical spelling of an id addresses a resource (`noncanonical_id`);
+    - the OpenAPI document, YAML or JSON by `Accept`, says it varies on Accept;
     - an error answered below the routes in some other form (a refused CORS preflight
       is a `text/plain` 400 from Starlette) becomes a problem with the same status,
       its text as the detail;
@@ -484,8 +475,9 @@ class HttpRules:
       error, `no-store`: shared caches must not guess a freshness of their own.
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, negotiated: str) -> None:
         self.app = app
+        self.negotiated = negotiated  # the path of the one response that varies on Accept
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -495,11 +487,14 @@ class HttpRules:
         if refusal is not None:
             await send_problem(scope, send, *refusal)
             return
-        await self.app(scope, receive, ProblemsAndCaching(scope, send))
+        varies = scope["path"] == self.negotiated
+        await self.app(scope, receive, ProblemsAndCaching(scope, send, varies))
 
 
 def refused(scope: Any) -> tuple[int, str] | None:
     """The status and detail for a request the protocol rules refuse, if they do."""
+    if noncanonical_id(scope["path"]):
+        return 404, f"Nothing is found at {scope['path']}: ids are 1 to {MAX_ID}."
     target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
     if target > MAX_TARGET_BYTES:
         return 414, f"The request target is longer than {MAX_TARGET_BYTES} bytes."
@@ -511,6 +506,21 @@ def refused(scope: Any) -> tuple[int, str] | None:
     if not HOST.fullmatch(hosts[0].decode("latin-1")):
         return 400, "The Host header is not a valid host."
     return None
+
+
+def noncanonical_id(path: str) -> bool:
+    """Whether a path segment that Responder's `{name:int}` takes as an id is not its one
+    canonical spelling.
+
+    That convertor takes any run of Unicode decimal digits, so `/books/01`,
+    `/books/\u0661` (Arabic-Indic) and `/books/\uff11` (fullwidth) would all be book 1,
+    and a number past the tables' 32-bit ids would reach the database. A segment of
+    decimal digits must be a plain ASCII number from 1 to MAX_ID, or it names nothing.
+    """
+    return any(
+        segment.isdecimal() and not (CANONICAL_ID.fullmatch(segment) and int(segment) <= MAX_ID)
+        for segment in path.split("/")
+    )
 
 
 async def send_problem(scope: Any, send: Any, status: int, detail: str) -> None:
@@ -531,9 +541,10 @@ class ProblemsAndCaching:
     """The `send` of HttpRules: error responses that are not JSON are held and replaced
     by a problem; every response gets a default Cache-Control."""
 
-    def __init__(self, scope: Any, send: Any) -> None:
+    def __init__(self, scope: Any, send: Any, varies: bool) -> None:
         self.scope = scope
         self.send = send
+        self.varies = varies  # on Accept
         self.held: dict[str, Any] | None = None  # the start of a response being replaced
         self.text = b""
 
@@ -544,9 +555,15 @@ class ProblemsAndCaching:
             if message["status"] >= 400 and content_type not in JSON_TYPES:
                 self.held = message
                 return
+            added = []
             if b"cache-control" not in headers:
-                default = b"no-cache" if message["status"] < 400 else b"no-store"
-                message["headers"] = [*message.get("headers", []), (b"cache-control", default)]
+                added.append(
+                    (b"cache-control", b"no-cache" if message["status"] < 400 else b"no-store")
+                )
+            if self.varies:
+                added.append((b"vary", b"Accept"))
+            if added:
+                message["headers"] = [*message.get("headers", []), *added]
         elif message["type"] == "http.response.body" and self.held is not None:
             self.text += message.get("body", b"")
             if not message.get("more_body", False):
