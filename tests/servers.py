@@ -17,6 +17,23 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def repository_copy(directory: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    """The files of the repository in `directory`, as a clone has them (with the changes
+    not committed yet), but for those under the folders `leave_out`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file() and not name.startswith(leave_out):
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, directory / name)
+    return directory
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

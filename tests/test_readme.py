@@ -18,7 +18,6 @@ of the repository, as a newcomer would type it, against the servers it starts.
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import uuid
@@ -32,7 +31,7 @@ import redis
 from sqlalchemy.engine import make_url
 
 from tests.conftest import TEST_DATABASE_URL, TEST_REDIS_URL, admin_query
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT, free_port, repository_copy
 
 README = ROOT / "README.md"
 SERVER = re.compile(r"uv run (app\.py|uvicorn app:api)( --[a-z-]+( [0-9.]+)?)*\s*(#.*)?$")
@@ -150,17 +149,7 @@ class Tutorial:
 
 def new_tutorial(directory: Path) -> Tutorial:
     """A fresh copy of the repository (what `git clone` gives) and a newcomer's environment."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    for name in filter(None, listed.split("\0")):
-        if (ROOT / name).is_file():
-            (directory / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, directory / name)
+    repository_copy(directory)
     env = {
         key: value
         for key, value in os.environ.items()
