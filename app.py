@@ -1,9 +1,10 @@
 """The books service: the Responder `api`, and what it is made of.
 
 Run it with `uv run app.py`, or any ASGI server: `uv run uvicorn app:api --workers 4`.
-Each resource's routes live in a module of their own (`books.py`, `reviews.py`); what they share
-(problems, sessions, ETags, body checks) in `web.py`; `/health`, `/metrics` and
-`/docs` in `operations.py`; the command line in `cli.py`.
+Each resource's routes live in a module of their own (`books.py`, `reviews.py`); what they
+share (problems, sessions, ETags, body checks) in `web.py`; the protocol rules below the
+routes in `protocol.py`; `/health`, `/metrics` and `/docs` in `operations.py`; the command
+line in `cli.py`.
 """
 
 import importlib.resources
@@ -25,10 +26,11 @@ from cache import open_cache
 from database import engine_for, open_database
 from metrics import RequestMetrics, pool_figures
 from openapi import HttpConventions
+from protocol import HttpRules
 from rate_limit import limit_rate, rate_limiter
 from replicas import open_replicas
 from settings import Settings, load_settings
-from web import DATABASE_ERRORS, HttpRules, database_failure, plain_problem
+from web import DATABASE_ERRORS, database_failure, plain_problem
 
 # Swagger UI's files, from the swagger-ui-py package: /docs needs no CDN.
 SWAGGER_UI_ASSETS = importlib.resources.files("swagger_ui") / "static"

@@ -10,10 +10,11 @@ import pytest
 from responder.testing import AsyncTestClient
 from sqlalchemy.exc import OperationalError
 
+from protocol import MAX_TARGET_BYTES
 from tests.conftest import BOOK
 from tests.servers import serving
 from tests.test_books import assert_problem
-from web import MAX_TARGET_BYTES, database_problem
+from web import database_problem
 
 LONG_AGO = "Mon, 01 Jan 2001 00:00:00 GMT"
 
