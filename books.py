@@ -131,13 +131,7 @@ async def get_book(req: Request, resp: Response, *, book_id: int) -> BookOut:
 )
 async def replace_book(req: Request, resp: Response, *, book_id: int, book: BookIn) -> BookOut:
     """Replace a book whole; a field left out (`isbn`) is cleared."""
-    async with writing(req) as session:
-        stored = await find_book(session, book_id, for_update=True)
-        check_preconditions(req, etag(stored), stored.updated_at, "book")
-        apply_changes(session, stored, book.model_dump())
-    await invalidate(req, book_id)
-    answer_write(resp, stored)
-    return BookOut.model_validate(stored)
+    return await change_book(req, resp, book_id, book.model_dump())
 
 
 @router.patch(
@@ -148,10 +142,18 @@ async def replace_book(req: Request, resp: Response, *, book_id: int, book: Book
 )
 async def update_book(req: Request, resp: Response, *, book_id: int, patch: BookPatch) -> BookOut:
     """Change some fields of a book; `"isbn": null` clears the ISBN."""
+    return await change_book(req, resp, book_id, patch.model_dump(exclude_unset=True))
+
+
+async def change_book(
+    req: Request, resp: Response, book_id: int, changes: dict[str, Any]
+) -> BookOut:
+    """PUT and PATCH alike: lock the book, check the request's preconditions against it,
+    apply `changes`, and answer with the stored book once the change is committed."""
     async with writing(req) as session:
         stored = await find_book(session, book_id, for_update=True)
         check_preconditions(req, etag(stored), stored.updated_at, "book")
-        apply_changes(session, stored, patch.model_dump(exclude_unset=True))
+        apply_changes(session, stored, changes)
     await invalidate(req, book_id)
     answer_write(resp, stored)
     return BookOut.model_validate(stored)

@@ -160,14 +160,25 @@ class TcpProxy:
         self._writers -= {writer, up_writer}
 
 
-class RedisServer:
+class ChildServer:
+    """A server this test run started as a child process of its own."""
+
+    _process: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+
+class RedisServer(ChildServer):
     """A redis-server of the test's own, on a free port, that it can stop and start again."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self._process = subprocess.Popen(
@@ -197,12 +208,6 @@ class RedisServer:
                 pass
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=10)
-            self._process = None
 
 
 class PostgresServer:
@@ -270,7 +275,7 @@ def have_postgres_binaries() -> bool:
     )
 
 
-class PgBouncer:
+class PgBouncer(ChildServer):
     """Debian's PgBouncer in transaction mode, on a free port, in front of the PostgreSQL
     at `target_port` (as the `postgres` system user: it refuses to run as root)."""
 
@@ -289,7 +294,6 @@ class PgBouncer:
             f"logfile = {self.directory}/pgbouncer.log\n"
             f"pidfile = {self.directory}/pgbouncer.pid\n"
         )
-        self._process: subprocess.Popen[bytes] | None = None
 
     def url(self, database_url: str) -> str:
         """`database_url` (a database of the PostgreSQL behind) reached through the pooler."""
@@ -313,10 +317,7 @@ class PgBouncer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=10)
-            self._process = None
+        super().stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
