@@ -3,7 +3,7 @@
 from typing import Any
 
 from responder import Problem, Query, Request, Response, Router
-from sqlalchemy import func, or_, select
+from sqlalchemy import BigInteger, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cache import BOOKS_GENERATION, Entry, book_generation, book_key
@@ -29,7 +29,9 @@ from web import (
 )
 
 router = Router()
-BOOK_COUNT = select(func.coalesce(func.sum(BookCount.books), 0))
+# Cast: PostgreSQL sums bigints as a numeric, which asyncpg reads as a Decimal that
+# prints as '1E+4' at 10,000 books (and the cache stores the total as text).
+BOOK_COUNT = select(func.coalesce(func.sum(BookCount.books), 0).cast(BigInteger))
 
 BOOKS = Listing(
     name="books",
