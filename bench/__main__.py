@@ -546,7 +546,8 @@ def measure_listings(
             settle()
             result = wrk(process, script, args.seconds, 4, timeout=10)
             settle()
-            failed = result.non_2xx or result.socket_errors  # reported as such, not a figure
+            # An error, or no answer within the run, is shown as `inf`, never as a figure.
+            failed = result.non_2xx or result.socket_errors or not result.requests_per_second
             table.setdefault(name, {})[(arm, size)] = float("inf") if failed else result.p50_ms
 
 
@@ -567,7 +568,8 @@ def print_scale(
 ) -> None:
     columns = [(arm, size) for size in sizes for arm in arms]
     print(f"\n{kind}: p50 ms at 4 concurrent clients (target {SCALE_TARGET_MS} ms, "
-          f"no request over {SCALE_CEILING_MS} ms)")  # fmt: skip
+          f"no request over {SCALE_CEILING_MS} ms; inf: an error, or no answer within "
+          "the run)")  # fmt: skip
     print(
         f"{'request':<34}" + "".join(f"{arm[:9] + ' ' + f'{size:,}':>19}" for arm, size in columns)
     )
