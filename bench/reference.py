@@ -53,6 +53,38 @@ class Database:
         async with self.sqlite.execute(sql, args) as cursor:
             return [dict(row) for row in await cursor.fetchall()]
 
+    # The five operations, as both references (Starlette's and Responder's) run them.
+
+    async def book(self, book_id: int) -> list[dict[str, Any]]:
+        return await self.fetch(f"SELECT {COLUMNS} FROM books WHERE id = $1", book_id)
+
+    async def page(self, page: int, size: int) -> dict[str, Any]:
+        total = (await self.fetch("SELECT count(*) AS total FROM books"))[0]["total"]
+        items = await self.fetch(
+            f"SELECT {COLUMNS} FROM books ORDER BY id LIMIT $1 OFFSET $2", size, (page - 1) * size
+        )
+        for item in items:
+            del item["version"]
+        pages = (total + size - 1) // size
+        return {"items": items, "total": total, "page": page, "size": size, "pages": pages}
+
+    async def create(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.fetch(
+            "INSERT INTO books (title, author, year, isbn, created_at, updated_at, version)"
+            f" VALUES ($1, $2, $3, $4, $5, $5, 1) RETURNING {COLUMNS}",
+            body["title"], body["author"], body["year"], body.get("isbn"), timestamp(),
+        )  # fmt: skip
+
+    async def update(self, book_id: int, title: str) -> list[dict[str, Any]]:
+        return await self.fetch(
+            "UPDATE books SET title = $1, updated_at = $2, version = version + 1"
+            f" WHERE id = $3 RETURNING {COLUMNS}",
+            title, timestamp(), book_id,
+        )  # fmt: skip
+
+    async def delete(self, book_id: int) -> bool:
+        return bool(await self.fetch("DELETE FROM books WHERE id = $1 RETURNING id", book_id))
+
 
 db = Database()
 
@@ -72,7 +104,7 @@ def book_etag(book: dict[str, Any]) -> dict[str, str]:
 
 
 async def get_book(request: Request) -> Response:
-    rows = await db.fetch(f"SELECT {COLUMNS} FROM books WHERE id = $1", request.path_params["id"])
+    rows = await db.book(request.path_params["id"])
     if not rows:
         return json({"detail": "not found"}, 404)
     return json(rows[0], headers=book_etag(rows[0]))
@@ -81,42 +113,24 @@ async def get_book(request: Request) -> Response:
 async def list_books(request: Request) -> Response:
     page = int(request.query_params.get("page", 1))
     size = int(request.query_params.get("size", 20))
-    total = (await db.fetch("SELECT count(*) AS total FROM books"))[0]["total"]
-    items = await db.fetch(
-        f"SELECT {COLUMNS} FROM books ORDER BY id LIMIT $1 OFFSET $2", size, (page - 1) * size
-    )
-    for item in items:
-        del item["version"]
-    pages = (total + size - 1) // size
-    return json({"items": items, "total": total, "page": page, "size": size, "pages": pages})
+    return json(await db.page(page, size))
 
 
 async def create_book(request: Request) -> Response:
-    body = orjson.loads(await request.body())
-    rows = await db.fetch(
-        "INSERT INTO books (title, author, year, isbn, created_at, updated_at, version)"
-        f" VALUES ($1, $2, $3, $4, $5, $5, 1) RETURNING {COLUMNS}",
-        body["title"], body["author"], body["year"], body.get("isbn"), timestamp(),
-    )  # fmt: skip
-    book = rows[0]
+    book = (await db.create(orjson.loads(await request.body())))[0]
     return json(book, 201, {"Location": f"/books/{book['id']}", **book_etag(book)})
 
 
 async def update_book(request: Request) -> Response:
     body = orjson.loads(await request.body())
-    rows = await db.fetch(
-        "UPDATE books SET title = $1, updated_at = $2, version = version + 1"
-        f" WHERE id = $3 RETURNING {COLUMNS}",
-        body["title"], timestamp(), request.path_params["id"],
-    )  # fmt: skip
+    rows = await db.update(request.path_params["id"], body["title"])
     if not rows:
         return json({"detail": "not found"}, 404)
     return json(rows[0], headers=book_etag(rows[0]))
 
 
 async def delete_book(request: Request) -> Response:
-    rows = await db.fetch("DELETE FROM books WHERE id = $1 RETURNING id", request.path_params["id"])
-    return Response(status_code=204 if rows else 404)
+    return Response(status_code=204 if await db.delete(request.path_params["id"]) else 404)
 
 
 @asynccontextmanager
