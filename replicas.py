@@ -21,7 +21,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +37,7 @@ from settings import Settings
 # How often each instance asks its replicas how far they have replayed.
 WATCH_INTERVAL = 0.05
 # A WAL position as a number of bytes, which Redis can compare.
-POSITION = "SELECT {function}() - '0/0'::pg_lsn"
+POSITION_SQL = "SELECT {function}() - '0/0'::pg_lsn"
 logger = logging.getLogger("books.replicas")
 
 
@@ -80,7 +80,7 @@ class Replicas:
             return None
         async with self.primary.connect() as connection:
             return int(
-                await connection.scalar(text(POSITION.format(function="pg_current_wal_lsn")))
+                await connection.scalar(text(POSITION_SQL.format(function="pg_current_wal_lsn")))
             )
 
     async def watch(self) -> None:
@@ -109,7 +109,7 @@ class Replicas:
                     await within(
                         connection.execute(
                             text(
-                                POSITION.format(function="pg_last_wal_replay_lsn")
+                                POSITION_SQL.format(function="pg_last_wal_replay_lsn")
                                 + ", extract(epoch FROM now() - pg_last_xact_replay_timestamp())"
                             )
                         ),
@@ -143,7 +143,10 @@ def served_by(replica: Replica | None) -> None:
 
 @asynccontextmanager
 async def open_replicas(
-    settings: Settings, primary: AsyncEngine, cache: BookCache, engine_for: Any
+    settings: Settings,
+    primary: AsyncEngine,
+    cache: BookCache,
+    engine_for: Callable[[str], AsyncEngine],
 ) -> AsyncIterator[Replicas]:
     """The replicas of DATABASE_REPLICA_URLS (none: every read on the primary), watched
     while the block runs, their engines disposed of at the end. `engine_for(url)` makes
