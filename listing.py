@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 from responder import Problem, Query
-from sqlalchemy import ColumnElement, Select, and_, false, func, literal, or_, select
+from sqlalchemy import CTE, ColumnElement, Select, and_, false, func, literal, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from models import Base
@@ -158,12 +158,44 @@ class ListingQuery:
         if not selective:
             statement = select(model).where(*self.where())
             return self._page(statement, model, backwards, after, skip, limit)
-        keys = [getattr(model, name) for name, _ in self.order]
-        # MATERIALIZED: a CTE used once is otherwise folded into the query again.
-        matches = select(*keys).where(*self.where()).cte("matches").prefix_with("MATERIALIZED")
+        matches = self._matches()
         page = self._page(select(matches), matches.c, backwards, after, skip, limit).subquery()
         joined = select(model).join(page, model.__table__.c.id == page.c.id)
         return joined.order_by(*self._ordering(page.c, backwards))
+
+    def among_few(
+        self, few: ColumnElement[int], *, after: list[Any] | None, skip: int, limit: int
+    ) -> Select[Any]:
+        """One statement for a page of matches, if there are fewer than `few`: a row
+        per book of the page (a single row with no book when the page is empty), each
+        with `found`, the matches counted up to `few`, and `complete`, whether that
+        is all of them. When it is not, neither the page nor the count is the right
+        one (both come from the first `few` matches only).
+        """
+        model = self.listing.model
+        matches = self._matches(limit=few)
+        counted = func.count()
+        found = (
+            select(counted.label("found"), (counted < few).label("complete"))
+            .select_from(matches)
+            .subquery("found")
+        )
+        page = self._page(select(matches), matches.c, False, after, skip, limit).subquery("page")
+        return (
+            select(found.c.found, found.c.complete, model)
+            .select_from(found)
+            .outerjoin(page, true())
+            .outerjoin(model, model.__table__.c.id == page.c.id)
+            .order_by(*self._ordering(page.c, False))
+        )
+
+    def _matches(self, limit: ColumnElement[int] | None = None) -> CTE:
+        """The matching rows' ids and sort fields, gathered once (at most `limit`)."""
+        model = self.listing.model
+        keys = [getattr(model, name) for name, _ in self.order]
+        statement = select(*keys).where(*self.where()).limit(limit)
+        # MATERIALIZED: a CTE used once is otherwise folded into the query again.
+        return statement.cte("matches").prefix_with("MATERIALIZED")
 
     def _page(
         self,
@@ -201,10 +233,20 @@ class ListingQuery:
         """A page's rows, plus the one after it (to tell whether more follow), and the total.
 
         `after` is a decoded cursor (`position`); `total` the count when the cache
-        knows it. The count comes first (maintained, or from the filters' indexes),
-        and decides how the page is found (`counted`): no match, no page query.
+        knows it. Filters that keep few rows are answered by one statement, their
+        page and their count together (`among_few`): the filters' indexes are read
+        once, which for `?q=` is most of the request. Otherwise the count comes first
+        (maintained, or from the filters' indexes) and decides how the page is found
+        (`counted`): no match, no page query.
         """
-        total, selective = await self.counted(session, total)
+        population = self.listing.population
+        if total is None and self.filters and population is not None:
+            answered = await self._read_among_few(session, population(), page, size, after)
+            if answered is not None:
+                return answered
+            total, selective = await session.scalar(self.count()) or 0, False
+        else:
+            total, selective = await self.counted(session, total)
         if total == 0:
             return [], 0
         if after is not None:
@@ -213,6 +255,24 @@ class ListingQuery:
         rows, backwards = self.numbered_page(page, size, total, selective)
         found = list(await session.scalars(rows))
         return found[::-1] if backwards else found, total
+
+    async def _read_among_few(
+        self,
+        session: AsyncSession,
+        population: Select[Any],
+        page: int,
+        size: int,
+        after: list[Any] | None,
+    ) -> tuple[list[Any], int] | None:
+        """The page and the total from one statement, if the filters keep at most 1 row
+        in SELECTIVE of the `population`; None if they keep more."""
+        few = population.scalar_subquery() // SELECTIVE + 1
+        skip = 0 if after is not None else offset(page, size)
+        statement = self.among_few(few, after=after, skip=skip, limit=size + 1)
+        rows = (await session.execute(statement)).all()
+        if not rows[0].complete:
+            return None
+        return [row[-1] for row in rows if row[-1] is not None], rows[0].found
 
     def numbered_page(
         self, page: int, size: int, total: int, selective: bool
