@@ -124,11 +124,11 @@ class Book(Base):
 # so the first page and every page after a cursor are one index range, however many
 # books share a value (a batch of imported books shares its `created_at`).
 BOOK_ORDERS = ("title", "author", "year", "created_at", "updated_at")
-for _name in BOOK_ORDERS:
-    _column = getattr(Book, _name)
-    if _name != "year":  # ix_books_year_id below serves ascending years
-        Index(f"ix_books_{_name}_id", _column, Book.id)
-    Index(f"ix_books_{_name}_desc_id", _column.desc(), Book.id)
+SORT_ORDER_INDEXES = [
+    # (ix_books_year_id below serves ascending years)
+    *(Index(f"ix_books_{n}_id", getattr(Book, n), Book.id) for n in BOOK_ORDERS if n != "year"),
+    *(Index(f"ix_books_{n}_desc_id", getattr(Book, n).desc(), Book.id) for n in BOOK_ORDERS),
+]
 
 # The filters, then `id` (the default order): a page of matches is one index range.
 # (`?author=` compares lower() of both sides.) On PostgreSQL they also carry every sort

@@ -3,6 +3,7 @@
     uv run python -m bench speed     # every workload, SQLite and PostgreSQL, vs the bare reference
     uv run python -m bench cache     # PostgreSQL, cache off vs on
     uv run python -m bench scale     # every listing's latency at 10k and 1M books
+    uv run python -m bench writes    # writes with and without the sort-order indexes
     uv run python -m bench import    # `app.py import` of 1M books vs the database's floor
     uv run python -m bench soak      # 10 minutes of mixed traffic: errors, p99, RSS over time
     uv run python -m bench pooler --seconds 60   # 2 workers, direct vs through PgBouncer
@@ -45,6 +46,7 @@ from sqlalchemy.engine import make_url
 from stdnum import isbn as stdnum_isbn
 
 from bulk import plausible_book
+from models import SORT_ORDER_INDEXES
 from tests.servers import PgBouncer, PostgresServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +143,15 @@ class Database:
                 )
             return int(last)
         return asyncio.run(self._copy(rows))
+
+    def drop_indexes(self, names: list[str]) -> None:
+        statements = [f"DROP INDEX {name}" for name in names]
+        if self.sqlite:
+            with sqlite3.connect(self.raw) as connection:
+                for statement in statements:
+                    connection.execute(statement)
+        else:
+            asyncio.run(execute(self.raw, "; ".join(statements)))
 
     async def _copy(self, rows: list[tuple[object, ...]]) -> int:
         connection = await asyncpg.connect(self.raw)
@@ -491,11 +502,12 @@ SCALE_FILTERS = {
 SCALE_TARGET_MS, SCALE_CEILING_MS = 20, 100
 
 
-def scale_requests(url: str, smoke: bool) -> dict[str, str]:
-    """Each listing as a path: its first page, and the page its first page's cursor leads to.
-    (`smoke`: a few of them.)"""
+def scale_requests(url: str, labels: list[str], smoke: bool) -> dict[str, str]:
+    """Each listing of the filters `labels` (of SCALE_FILTERS) as a path: its first page,
+    and the page its first page's cursor leads to. (`smoke`: a few of them.)"""
     requests = {}
-    for label, filters in list(SCALE_FILTERS.items())[: 3 if smoke else None]:
+    chosen = [(label, SCALE_FILTERS[label]) for label in labels]
+    for label, filters in chosen[: 3 if smoke else None]:
         for order in SCALE_ORDERS[: 2 if smoke else None]:
             path = "/books?" + "&".join(filter(None, [filters, f"sort={order}"]))
             name = f"{label + ' ' if label else ''}sort={order}"
@@ -540,7 +552,8 @@ def measure_listings(
 ) -> None:
     """Each request of `scale_requests`, warmed, then timed with 4 connections."""
     with server("app", {"DATABASE_URL": db.url}, source) as process:
-        for name, path in scale_requests(f"http://127.0.0.1:{PORT}", args.smoke).items():
+        requests = scale_requests(f"http://127.0.0.1:{PORT}", args.filters, args.smoke)
+        for name, path in requests.items():
             script = f'request = function()\n  return wrk.format("GET", "{path}")\nend\n'
             wrk(process, script, 1, 4)  # the plan, the caches
             settle()
@@ -585,6 +598,43 @@ def print_scale(
     print(f"over {SCALE_TARGET_MS} ms at {sizes[-1]:,} books: {len(misses)} of {len(table)}")
     for miss in misses:
         print(f"  {miss}")
+
+
+WRITES = ["create", "update", "delete"]
+TARGET_OF_UNINDEXED = 0.9  # issue 18: writes within 10% of their throughput before
+
+
+def writes_benchmark(args: argparse.Namespace) -> None:
+    """What the sort-order indexes cost writes: the same code on databases with all of
+    SORT_ORDER_INDEXES, with the ascending ones only (what ties broken in each field's
+    own direction would need), and with none of them (as before they were added)."""
+    descending = [str(index.name) for index in SORT_ORDER_INDEXES if "_desc_" in str(index.name)]
+    dropped = {
+        "indexed": [],
+        "ascending": descending,
+        "without": [str(index.name) for index in SORT_ORDER_INDEXES],
+    }
+    for kind in args.databases:
+        runs: dict[tuple[str, str], list[Result]] = {}
+        with contextlib.ExitStack() as stack:
+            arms = {arm: stack.enter_context(database(kind)) for arm in dropped}
+            for arm, db in arms.items():
+                if dropped[arm]:
+                    db.drop_indexes(dropped[arm])
+            for _ in range(args.rounds):
+                for arm, db in arms.items():
+                    for workload, result in run_workloads("app", {}, db, WRITES, args).items():
+                        runs.setdefault((workload, arm), []).append(result)
+        ratios = report(
+            f"{kind}: writes with the {len(SORT_ORDER_INDEXES)} sort-order indexes, with the "
+            f"ascending ones only, and without them; {args.books} books, "
+            f"{args.connections} connections, {args.seconds} s x {args.rounds} rounds (medians)",
+            {key: median(results) for key, results in sorted(runs.items())},
+            reference="without",
+        )
+        for workload in WRITES:
+            times = ratios[(workload, "indexed")]
+            print(f"  {workload}: {verdict(times, TARGET_OF_UNINDEXED, 'of the writes without')}")
 
 
 # 70% single books, 15% list pages, 10% updates, 5% creates.
@@ -902,7 +952,8 @@ def import_benchmark(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "mode", choices=["speed", "cache", "scale", "import", "soak", "pooler", "replicas"]
+        "mode",
+        choices=["speed", "cache", "scale", "writes", "import", "soak", "pooler", "replicas"],
     )
     parser.add_argument("--minutes", type=int, default=10, help="soak: how long, per database")
     parser.add_argument("--soak-connections", type=int, default=64)
@@ -910,6 +961,13 @@ def main() -> None:
     parser.add_argument("--books", type=int, default=10_000)
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=[10_000, 1_000_000], help="scale: table sizes"
+    )
+    parser.add_argument(
+        "--filters",
+        nargs="+",
+        default=list(SCALE_FILTERS),
+        choices=SCALE_FILTERS,
+        help="scale: the listings to time ('' is no filter)",
     )
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -930,6 +988,7 @@ def main() -> None:
         "speed": speed_benchmark,
         "cache": cache_benchmark,
         "scale": scale_benchmark,
+        "writes": writes_benchmark,
         "import": import_benchmark,
         "soak": soak_benchmark,
         "pooler": pooler_benchmark,
