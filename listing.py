@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 from responder import Problem, Query
-from sqlalchemy import CTE, ColumnElement, Select, and_, false, func, literal, or_, select, true
+from sqlalchemy import CTE, ColumnElement, Select, and_, false, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from models import Base
@@ -122,21 +122,21 @@ class ListingQuery:
     async def counted(self, session: AsyncSession, total: int | None) -> tuple[int, bool]:
         """The number of matches (`total`, if the cache knew it) and whether the filters
         keep few enough rows, at most 1 in SELECTIVE of the listing's population, that
-        the page is best found among the matches (one round trip for both).
+        the page is best found among the matches.
 
-        Otherwise (no filter, or a filter most rows pass), walking the index of the
-        sort order and skipping non-matches finds a page after a few rows each. Left
-        to the planner, that choice goes wrong at scale: asked for an author with no
-        books, sorted by year, it walked the whole year index (the LIMIT trap).
+        Unknown, the total is counted here only when the filters are not selective
+        (none, or `read` found more matches than that): walking the index of the
+        sort order and skipping non-matches then finds a page after a few rows each.
+        Left to the planner, that choice goes wrong at scale: asked for an author
+        with no books, sorted by year, it walked the whole year index (the LIMIT trap).
         """
+        if total is None:
+            return await session.scalar(self.count()) or 0, False
         population = self.listing.population
         if not self.filters or population is None:
-            if total is None:
-                total = await session.scalar(self.count()) or 0
             return total, False
-        count = self.count().scalar_subquery() if total is None else literal(total)
-        found, rows = (await session.execute(select(count, population().scalar_subquery()))).one()
-        return found or 0, (found or 0) * SELECTIVE <= (rows or 0)
+        rows = await session.scalar(population()) or 0
+        return total, total * SELECTIVE <= rows
 
     def rows(
         self,
@@ -244,9 +244,7 @@ class ListingQuery:
             answered = await self._read_among_few(session, population(), page, size, after)
             if answered is not None:
                 return answered
-            total, selective = await session.scalar(self.count()) or 0, False
-        else:
-            total, selective = await self.counted(session, total)
+        total, selective = await self.counted(session, total)
         if total == 0:
             return [], 0
         if after is not None:
